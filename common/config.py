@@ -1,0 +1,49 @@
+"""Early config validation: a wrong key or value fails before any compute.
+
+Every package keeps a reference config (its defaults) and a ``validate``
+function built from these checks; ``main`` calls it before touching data or
+devices, and each message names the offending key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import ml_collections
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+               prefix: str = 'config') -> None:
+  """Every key of `config` must exist in `reference` (recursively): catches typos."""
+  for key, value in config.items():
+    name = f'{prefix}.{key}'
+    if key not in reference:
+      raise KeyError(
+          f'Unknown config key {name!r}; valid keys here: {", ".join(sorted(reference.keys()))}.')
+    ref = reference[key]
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(ref, ml_collections.ConfigDict):
+      check_keys(value, ref, name)
+
+
+def check_choice(value: Any, choices: Iterable[Any], name: str) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(f'{name}={value!r} is not one of {", ".join(map(repr, choices))}.')
+
+
+def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
+  ok = value >= 0 if allow_zero else value > 0
+  if not ok:
+    raise ValueError(f'{name} must be {">= 0" if allow_zero else "> 0"}, got {value!r}.')
+
+
+def check_range(value: float, lo: float, hi: float, name: str) -> None:
+  if not lo <= value <= hi:
+    raise ValueError(f'{name} must be in [{lo}, {hi}], got {value!r}.')
+
+
+def check_power_of_two(value: int, name: str) -> None:
+  if value < 1 or value & (value - 1):
+    raise ValueError(f'{name} must be a power of two, got {value!r}.')
+
+

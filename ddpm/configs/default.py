@@ -1,0 +1,119 @@
+"""Every key a ddpm config may set, with defaults; experiment configs override these.
+
+`validate` runs before any data is read or any array is made, and names the
+offending key.
+"""
+
+import ml_collections
+
+from common import augment, data, optim
+from common import config as config_lib
+from ddpm import diffusion, samplers, schedules
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data.get_config()
+  config.augment = augment.get_config()
+
+  config.model = m = ml_collections.ConfigDict()
+  m.block_out_channels = (128, 256, 256, 256)
+  m.layers_per_block = 2
+  m.attention_resolutions = (16,)  # Feature-map sizes that get self-attention.
+  m.head_dim = 0                   # Channels per attention head; 0 = one head.
+  m.mid_attention = True
+  m.norm_groups = 32
+  m.dropout = 0.0
+  m.dtype = 'float32'              # Compute dtype; 'bfloat16' keeps float32 params.
+
+  config.diffusion = d = ml_collections.ConfigDict()
+  d.schedule = 'linear'
+  d.num_timesteps = 1000
+  d.prediction = 'eps'
+  d.min_snr_gamma = 0.0            # 0 = the DDPM "simple" loss; 5 is the paper's choice.
+
+  config.optim = optim.get_config()
+
+  config.train = t = ml_collections.ConfigDict()
+  t.batch_size = 128               # Global, over all devices and hosts.
+  t.num_steps = 100_000
+  t.log_every = 100
+  t.checkpoint_every = 5_000
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.sample_every = 10_000          # EMA sample grids to TensorBoard; 0 = never.
+  t.num_grid_samples = 16
+  t.ema_decay = 0.9999
+  t.ema_every = 1                  # Update the EMA every N steps.
+  t.ema_warmup = True
+
+  config.sample = s = ml_collections.ConfigDict()
+  s.sampler = 'ddim'
+  s.num_steps = 50                 # ddim / dpm_solver; ddpm always runs all T steps.
+  s.eta = 0.0
+  s.spacing = 'leading'
+  s.clip_x0 = True
+  s.ddpm_variance = 'fixed_small'
+  s.num_images = 1000
+  s.batch_size = 250
+  s.output_dir = ''                # '' = WORKDIR/samples.
+  s.use_ema = True
+  s.seed = 1
+  s.progressive = True             # Also write progressive.png (5 samples x 10 stages).
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_keys(config, get_config())
+  data.validate(config.data)
+  augment.validate(config.augment)
+  optim.validate(config.optim)
+
+  m, d, t, s = config.model, config.diffusion, config.train, config.sample
+  size = config.data.image_size
+  levels = len(m.block_out_channels)
+  if levels < 1:
+    raise ValueError('model.block_out_channels must list at least one level.')
+  if size % 2**(levels - 1):
+    raise ValueError(
+        f'data.image_size={size} must be divisible by 2^(levels-1)={2**(levels - 1)} for '
+        f'model.block_out_channels={tuple(m.block_out_channels)}.')
+  resolutions = [size // 2**i for i in range(levels)]
+  for r in m.attention_resolutions:
+    if r not in resolutions:
+      raise ValueError(f'model.attention_resolutions has {r}, not a feature-map size of this '
+                       f'model (data.image_size={size}): {resolutions}.')
+  for c in m.block_out_channels:
+    if c % m.norm_groups:
+      raise ValueError(f'model.norm_groups={m.norm_groups} must divide every channel count '
+                       f'(model.block_out_channels has {c}).')
+    if m.head_dim and c % m.head_dim:
+      raise ValueError(f'model.head_dim={m.head_dim} must divide every channel count ({c}).')
+  config_lib.check_positive(m.layers_per_block, 'model.layers_per_block')
+  config_lib.check_range(m.dropout, 0.0, 1.0, 'model.dropout')
+  config_lib.check_choice(m.dtype, DTYPES, 'model.dtype')
+
+  config_lib.check_choice(d.schedule, schedules.SCHEDULES, 'diffusion.schedule')
+  config_lib.check_positive(d.num_timesteps, 'diffusion.num_timesteps')
+  config_lib.check_choice(d.prediction, diffusion.PREDICTIONS, 'diffusion.prediction')
+  config_lib.check_positive(d.min_snr_gamma, 'diffusion.min_snr_gamma', allow_zero=True)
+
+  for key in ('batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+              'ema_every', 'num_grid_samples'):
+    config_lib.check_positive(t[key], f'train.{key}')
+  config_lib.check_positive(t.sample_every, 'train.sample_every', allow_zero=True)
+  config_lib.check_range(t.ema_decay, 0.0, 1.0, 'train.ema_decay')
+
+  config_lib.check_choice(s.sampler, samplers.SAMPLERS, 'sample.sampler')
+  config_lib.check_choice(s.spacing, samplers.SPACINGS, 'sample.spacing')
+  config_lib.check_choice(s.ddpm_variance, ('fixed_small', 'fixed_large'), 'sample.ddpm_variance')
+  config_lib.check_range(s.eta, 0.0, 1.0, 'sample.eta')
+  if not 1 <= s.num_steps <= d.num_timesteps:
+    raise ValueError(f'sample.num_steps={s.num_steps} must be in [1, diffusion.num_timesteps='
+                     f'{d.num_timesteps}].')
+  config_lib.check_positive(s.num_images, 'sample.num_images')
+  config_lib.check_positive(s.batch_size, 'sample.batch_size')

@@ -1,0 +1,182 @@
+"""The DDPM U-Net (Ho et al. 2020) in Flax, block for block like diffusers' UNet2DModel.
+
+Module names follow diffusers' state-dict keys (``down_blocks.1.resnets.0.conv1``
+becomes ``down_blocks_1/resnets_0/conv1``), so ``ddpm.convert`` moves weights
+between the two and tests check outputs against diffusers directly.
+
+Layout is NHWC (Flax's native layout); timesteps are integer or float [B].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0,
+                       flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> jnp.ndarray:
+  """Sinusoidal embedding of the timestep (Transformer positions), as diffusers' Timesteps."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """MLP on the sinusoidal embedding: linear_1, SiLU, linear_2."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.features, dtype=self.dtype, name='linear_1')(x)
+    return nn.Dense(self.features, dtype=self.dtype, name='linear_2')(nn.silu(x))
+
+
+def _conv(features, name, dtype, kernel=3, stride=1):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + shortcut."""
+  out_channels: int
+  dropout: float = 0.0
+  groups: int = 32
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, train: bool):
+    norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
+    h = _conv(self.out_channels, 'conv1', self.dtype)(nn.silu(norm('norm1')(x)))
+    h = h + nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(norm('norm2')(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_channels, 'conv2', self.dtype)(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 'conv_shortcut', self.dtype, kernel=1)(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Self-attention over the H*W positions with a residual connection."""
+  head_dim: int = 0  # 0: one head over all channels (the DDPM paper).
+  groups: int = 32
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    head_dim = self.head_dim or c
+    heads = c // head_dim
+    y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
+    y = y.reshape(b, h * w, c)
+    proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, h * w, heads, head_dim)
+    q, k, v = proj('to_q'), proj('to_k'), proj('to_v')
+    # Logits and softmax in float32 even under bfloat16 compute (diffusers' upcast_softmax).
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(v.dtype)
+    y = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, h * w, c)
+    y = nn.Dense(c, dtype=self.dtype, name='to_out_0')(y)
+    return x + y.reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return _conv(x.shape[-1], 'conv', self.dtype, stride=2)(x)
+
+
+class Upsample(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), 'nearest')
+    return _conv(c, 'conv', self.dtype)(x)
+
+
+class UNet(nn.Module):
+  """DDPM U-Net. `attention_resolutions` are feature-map sizes (e.g. (16,) on 32x32 input).
+
+  Attributes mirror UNet2DModel: block_out_channels, layers_per_block, norm
+  groups/eps, attention head dim, dropout; `mid_attention` is add_attention.
+  """
+  sample_size: int
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: Sequence[int] = (128, 256, 256, 256)
+  layers_per_block: int = 2
+  attention_resolutions: Sequence[int] = (16,)
+  head_dim: int = 0
+  mid_attention: bool = True
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def attention_levels(self) -> list[bool]:
+    return [self.sample_size // 2**i in self.attention_resolutions
+            for i in range(len(self.block_out_channels))]
+
+  @nn.compact
+  def __call__(self, x, t, train: bool = False):
+    if x.ndim != 4 or x.shape[1:] != (self.sample_size, self.sample_size, self.in_channels):
+      raise ValueError(f'UNet expects [B, {self.sample_size}, {self.sample_size}, '
+                       f'{self.in_channels}] inputs, got {x.shape}.')
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    chans = tuple(self.block_out_channels)
+    temb = timestep_embedding(t, chans[0]).astype(self.dtype)
+    temb = TimestepEmbedding(4 * chans[0], self.dtype, name='time_embedding')(temb)
+    kw = dict(groups=self.norm_groups, eps=self.norm_eps, dtype=self.dtype)
+    resnet = lambda c, name: ResnetBlock(c, self.dropout, name=name, **kw)
+    attention = lambda name: AttentionBlock(self.head_dim, name=name, **kw)
+    attn_levels = self.attention_levels()
+
+    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
+    skips = [h]
+    for i, c in enumerate(chans):
+      for j in range(self.layers_per_block):
+        h = resnet(c, f'down_blocks_{i}.resnets_{j}')(h, temb, train)
+        if attn_levels[i]:
+          h = attention(f'down_blocks_{i}.attentions_{j}')(h)
+        skips.append(h)
+      if i < len(chans) - 1:
+        h = Downsample(self.dtype, name=f'down_blocks_{i}.downsamplers_0')(h)
+        skips.append(h)
+
+    h = resnet(chans[-1], 'mid_block.resnets_0')(h, temb, train)
+    if self.mid_attention:
+      h = attention('mid_block.attentions_0')(h)
+    h = resnet(chans[-1], 'mid_block.resnets_1')(h, temb, train)
+
+    for i, c in enumerate(reversed(chans)):
+      level = len(chans) - 1 - i
+      for j in range(self.layers_per_block + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = resnet(c, f'up_blocks_{i}.resnets_{j}')(h, temb, train)
+        if attn_levels[level]:
+          h = attention(f'up_blocks_{i}.attentions_{j}')(h)
+      if level > 0:
+        h = Upsample(self.dtype, name=f'up_blocks_{i}.upsamplers_0')(h)
+
+    h = nn.silu(nn.GroupNorm(self.norm_groups, epsilon=self.norm_eps, dtype=self.dtype,
+                             name='conv_norm_out')(h))
+    return _conv(self.out_channels, 'conv_out', self.dtype)(h).astype(jnp.float32)

@@ -1,0 +1,102 @@
+"""Sampling from a trained run: N numbered images, a grid, and the progressive figure."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import matplotlib
+import numpy as np
+import tqdm
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from common import checkpoint, imageio, mesh as mesh_lib
+from ddpm import train
+from ddpm.configs import default as default_config
+
+
+def restore_params(config, workdir: str | Path, use_ema: bool = True):
+  """Parameters (EMA by default) from the workdir's latest checkpoint."""
+  model, tx = train.build_model(config), train.make_optimizer(config)
+  ckpt = checkpoint.Checkpointer(workdir, config.train.checkpoint_every, async_save=False)
+  try:
+    mesh = mesh_lib.make_mesh()
+    target = jax.eval_shape(lambda: train.init_state(config, model, tx))
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)), target)
+    state = ckpt.restore(target)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {Path(workdir) / "checkpoints"}: train first with --mode=train '
+        'and the same --workdir.')
+  logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
+               int(state.step))
+  return model, (state.ema_params if use_ema else state.params)
+
+
+def generate(config, workdir: str | Path) -> Path:
+  """Writes config.sample.num_images images as 1.jpg ... N.jpg plus grid.png."""
+  default_config.validate(config)
+  s = config.sample
+  out = Path(s.output_dir or Path(workdir) / 'samples')
+  model, params = restore_params(config, workdir, s.use_ema)
+  schedule = train.build_schedule(config)
+  mesh = mesh_lib.make_mesh()
+  sample_fn = train.make_sample_fn(config, model, schedule)
+  batch = math.ceil(min(s.batch_size, s.num_images) / mesh.devices.size) * mesh.devices.size
+  rng = jax.random.PRNGKey(s.seed)
+  written, start = 0, time.perf_counter()
+  with tqdm.tqdm(total=s.num_images, desc=f'{s.sampler} x{_steps(config)}', unit='img') as bar:
+    while written < s.num_images:
+      rng, noise_rng, step_rng = jax.random.split(rng, 3)
+      x_T = jax.device_put(train.noise_like_batch(noise_rng, batch, config),
+                           mesh_lib.data_sharding(mesh))
+      x = imageio.to_uint8(mesh_lib.gather(sample_fn(params, step_rng, x_T)))
+      x = x[:s.num_images - written]
+      if jax.process_index() == 0:
+        imageio.write_numbered(x, out, start=written + 1)
+        if written == 0:
+          imageio.save_grid(x[:64], out / 'grid.png')
+      written += len(x)
+      bar.update(len(x))
+  elapsed = time.perf_counter() - start
+  logging.info('Wrote %d images to %s in %.1f s (%.2f img/s, compile included).',
+               written, out, elapsed, written / elapsed)
+  if s.progressive and jax.process_index() == 0:
+    progressive_figure(config, model, params, schedule, out.parent / f'{out.name}_progressive.png')
+  return out
+
+
+def _steps(config) -> int:
+  return config.diffusion.num_timesteps if config.sample.sampler == 'ddpm' else config.sample.num_steps
+
+
+def progressive_figure(config, model, params, schedule, path: Path, num_samples: int = 5,
+                       num_stages: int = 10) -> Path:
+  """HW6 question 1: rows of samples, columns from pure noise (left) to the image (right)."""
+  sample_fn = train.make_sample_fn(config, model, schedule, num_snapshots=num_stages)
+  x_T = train.noise_like_batch(jax.random.PRNGKey(config.sample.seed + 7), num_samples, config)
+  _, snaps, snap_t = sample_fn(params, jax.random.PRNGKey(config.sample.seed + 8), x_T)
+  snaps = imageio.to_uint8(np.asarray(snaps))  # [K, N, H, W, 3]
+  k = snaps.shape[0]
+  fig, axes = plt.subplots(num_samples, k, figsize=(1.2 * k, 1.2 * num_samples + 0.4),
+                           squeeze=False)
+  for j in range(k):
+    axes[0, j].set_title(f't={int(snap_t[j])}', fontsize=8)
+    for i in range(num_samples):
+      axes[i, j].imshow(snaps[j, i], interpolation='nearest')
+      axes[i, j].axis('off')
+  fig.suptitle(f'{config.sample.sampler} ({_steps(config)} steps): noise to image', fontsize=9)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  logging.info('Wrote the progressive-generation figure to %s.', path)
+  return path

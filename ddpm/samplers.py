@@ -1,0 +1,182 @@
+"""Samplers: DDPM ancestral (all T steps), DDIM (S steps, eta) and DPM-Solver++(2M).
+
+Each sampler is a pure step function plus a loop written with `lax.scan`, so
+the whole trajectory compiles into one XLA program: no Python per step.
+
+`model_fn(x_t, t) -> model output` is any closure over parameters (and, for
+latent diffusion, over the conditioning and guidance); `prediction` says
+whether it predicts eps, x0 or v.
+
+Timestep spacings follow diffusers' schedulers (Lin et al. 2023, table 2):
+  leading   t_i = i * (T // S) (+ offset), descending: 980, 960, ..., 0 for S=50
+  trailing  t_i = round(T - i * T/S) - 1: 999, 979, ..., 19
+  linspace  round(linspace(0, T - 1, S)), descending.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm import diffusion
+from ddpm.schedules import Schedule
+
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
+SPACINGS = ('leading', 'trailing', 'linspace')
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading',
+              steps_offset: int = 0) -> np.ndarray:
+  """Descending inference timesteps as diffusers' DDIMScheduler.set_timesteps."""
+  if not 1 <= num_steps <= num_train_timesteps:
+    raise ValueError(f'num_steps must be in [1, {num_train_timesteps}], got {num_steps}.')
+  T, S = num_train_timesteps, num_steps
+  if spacing == 'leading':
+    ts = (np.arange(S) * (T // S)).round()[::-1] + steps_offset
+  elif spacing == 'trailing':
+    ts = np.round(np.arange(T, 0, -T / S)) - 1
+  elif spacing == 'linspace':
+    ts = np.linspace(0, T - 1, S).round()[::-1]
+  else:
+    raise ValueError(f'Unknown timestep spacing {spacing!r}; valid: {", ".join(SPACINGS)}.')
+  return ts.astype(np.int32)
+
+
+def _predict(s: Schedule, model_fn: ModelFn, prediction: str, x: jnp.ndarray, t: jnp.ndarray,
+             clip_x0: bool):
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  x0, eps = diffusion.to_x0_eps(s, prediction, model_fn(x, tb), x, tb)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  return x0, eps
+
+
+# --- DDPM -------------------------------------------------------------------
+
+def ddpm_step(s: Schedule, x0: jnp.ndarray, xt: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray,
+              variance: str = 'fixed_small') -> jnp.ndarray:
+  """One ancestral step: x_{t-1} ~ N(mu~_t(x_t, x_0), sigma_t^2 I), no noise at t = 0.
+
+  'fixed_small' uses sigma_t^2 = beta~_t (posterior variance), 'fixed_large' beta_t;
+  the DDPM paper found both equally good.
+  """
+  tb = jnp.full((xt.shape[0],), t, jnp.int32)
+  mean, _, log_var = diffusion.q_posterior(s, x0, xt, tb)
+  if variance == 'fixed_large':
+    # As in the DDPM code: log(append(beta~_1, beta_2:)); t = 0 adds no noise anyway.
+    log_var = jnp.log(jnp.where(t == 0, s.posterior_variance[1], s.betas[t]))
+  return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+
+
+# --- DDIM -------------------------------------------------------------------
+
+def ddim_step(s: Schedule, x0: jnp.ndarray, eps: jnp.ndarray, xt: jnp.ndarray, t: jnp.ndarray,
+              t_prev: jnp.ndarray, eta: float, noise: jnp.ndarray,
+              final_alpha_cumprod: float = 1.0) -> jnp.ndarray:
+  """x_{t_prev} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (Song et al. eq. 12).
+
+  sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)); t_prev < 0 means the
+  end of the chain, where a_prev = final_alpha_cumprod (1: a noise-free x_0).
+  """
+  a_t = s.alphas_cumprod[t]
+  a_prev = jnp.where(t_prev >= 0, s.alphas_cumprod[jnp.maximum(t_prev, 0)], final_alpha_cumprod)
+  sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+  direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma**2, 0.0)) * eps
+  return jnp.sqrt(a_prev) * x0 + direction + sigma * noise
+
+
+# --- DPM-Solver++(2M) ---------------------------------------------------------
+
+def _lambda(s: Schedule, t):
+  """Half log-SNR, log(alpha_t / sigma_t)."""
+  a = s.alphas_cumprod[t]
+  return 0.5 * (jnp.log(a) - jnp.log1p(-a))
+
+
+def dpm_solver_2m_step(s: Schedule, x0: jnp.ndarray, x0_prev: jnp.ndarray, xt: jnp.ndarray,
+                       t: jnp.ndarray, t_prev_model: jnp.ndarray, t_next: jnp.ndarray,
+                       first_order: jnp.ndarray) -> jnp.ndarray:
+  """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) with data prediction.
+
+  x_{t_next} = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D, with
+  D = x0 (first order) or (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_prev / h.
+  t_next < 0 is the end of the chain: the result is the model's x0.
+  """
+  a_t = s.alphas_cumprod[t]
+  last = t_next < 0
+  a_n = jnp.where(last, 1.0, s.alphas_cumprod[jnp.maximum(t_next, 0)])
+  sig_t, sig_n = jnp.sqrt(1 - a_t), jnp.sqrt(1 - a_n)
+  lam_t, lam_prev = _lambda(s, t), _lambda(s, t_prev_model)
+  lam_n = jnp.where(last, jnp.inf, _lambda(s, jnp.maximum(t_next, 0)))
+  h = lam_n - lam_t
+  r = (lam_t - lam_prev) / jnp.where(last, 1.0, h)
+  d = jnp.where(first_order, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
+  x_next = (sig_n / sig_t) * xt - jnp.sqrt(a_n) * jnp.expm1(-jnp.where(last, 0.0, h)) * d
+  return jnp.where(last, x0, x_next)
+
+
+# --- Loops --------------------------------------------------------------------
+
+def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
+           sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
+           spacing: str = 'leading', prediction: str = 'eps', clip_x0: bool = True,
+           ddpm_variance: str = 'fixed_small', num_snapshots: int = 0,
+           inject: Optional[Callable] = None):
+  """Runs a sampler from x_T to x_0; call inside jax.jit.
+
+  Args:
+    num_steps: S for ddim/dpm_solver; ddpm always uses all T steps.
+    num_snapshots: if > 0, also returns x_t at that many evenly spaced steps
+      (the progressive-generation figure), shape [K, B, ...].
+    inject: optional fn(x_t, t_next, rng) -> x_t applied after each step; latent
+      inpainting uses it to re-impose the known region.
+
+  Returns:
+    x_0, or (x_0, snapshots, snapshot_timesteps) with num_snapshots.
+  """
+  T = s.num_timesteps
+  if sampler == 'ddpm':
+    ts = np.arange(T - 1, -1, -1, dtype=np.int32)
+  elif sampler in ('ddim', 'dpm_solver'):
+    ts = timesteps(T, num_steps, spacing)
+  else:
+    raise ValueError(f'Unknown sampler {sampler!r}; valid: {", ".join(SAMPLERS)}.')
+  # The step after t_i: diffusers' DDIM rule t - T//S for ddim, the actual next one otherwise.
+  if sampler == 'ddim':
+    ts_next = ts - T // len(ts)
+  else:
+    ts_next = np.append(ts[1:], -1).astype(np.int32)
+  ts_prev_model = np.insert(ts[:-1], 0, ts[0]).astype(np.int32)  # For the 2M history.
+
+  def body(carry, inputs):
+    x, x0_prev, key = carry
+    i, t, t_next, t_prev_model = inputs
+    key, noise_key, inject_key = jax.random.split(key, 3)
+    x0, eps = _predict(s, model_fn, prediction, x, t, clip_x0)
+    noise = jax.random.normal(noise_key, x.shape, x.dtype)
+    if sampler == 'ddpm':
+      x = ddpm_step(s, x0, x, t, noise, ddpm_variance)
+    elif sampler == 'ddim':
+      x = ddim_step(s, x0, eps, x, t, t_next, eta, noise)
+    else:
+      # Lower-order at the first and (for few steps) the last step, as diffusers' lower_order_final.
+      first_order = (i == 0) | ((t_next < 0) & (len(ts) < 15))
+      x = dpm_solver_2m_step(s, x0, x0_prev, x, t, t_prev_model, t_next, first_order)
+    if inject is not None:
+      x = inject(x, t_next, inject_key)
+    return (x, x0, key), (x if num_snapshots else None)
+
+  xs = (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(ts_next), jnp.asarray(ts_prev_model))
+  (x0, _, _), trajectory = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T), rng), xs)
+  if not num_snapshots:
+    return x0
+  # Snapshot k shows x after step idx[k]; the first shows the starting noise.
+  idx = np.unique(np.linspace(0, len(ts) - 1, num_snapshots - 1).round().astype(int))
+  snapshots = jnp.concatenate([x_T[None], trajectory[idx]], axis=0)
+  snapshot_t = np.concatenate([[T], np.maximum(ts_next[idx], 0)])
+  return x0, snapshots, snapshot_t

@@ -1,0 +1,369 @@
+"""StyleGAN2 (stylegan/): maths against independent references, and a tiny real training run.
+
+Everything is tiny (32x32, a few channels, mapping depth 2, batch 4) and each
+model is compiled once per module, to stay within CI's 2-core budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from scipy import signal
+
+from conftest import shared_path
+from stylegan import augment, loss, networks
+from stylegan import config as config_lib
+from stylegan.configs import anime64, demo
+
+TINY_MODEL = dict(resolution=32, z_dim=32, w_dim=32, mapping_layers=2,
+                  channel_base=256, channel_max=32)
+
+
+# ---------------------------------------------------------------------------
+# Networks.
+
+
+def _np_modconv(x, w, s, demodulate):
+  """Float64 reference: per-sample weights w'' from the paper's formula, SAME conv."""
+  x, w, s = (np.asarray(a, np.float64) for a in (x, w, s))
+  n, h, wd, _ = x.shape
+  k = w.shape[0]
+  p = k // 2
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  out = np.zeros((n, h, wd, w.shape[3]))
+  for b in range(n):
+    wb = w * s[b][None, None, :, None]                 # w'_ijk = s_i w_ijk
+    if demodulate:
+      wb = wb / np.sqrt(np.sum(wb ** 2, axis=(0, 1, 2), keepdims=True) + 1e-8)
+    for dy in range(k):
+      for dx in range(k):
+        out[b] += np.einsum('hwi,io->hwo', xp[b, dy:dy + h, dx:dx + wd], wb[dy, dx])
+  return out
+
+
+@pytest.mark.parametrize('demodulate', [True, False])
+def test_modulated_conv_matches_float64_reference(demodulate):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+  s = (rng.standard_normal((2, 4)) + 1.0).astype(np.float32)
+  got = np.asarray(networks.modulated_conv2d(x, w, s, demodulate=demodulate))
+  want = _np_modconv(x, w, s, demodulate)
+  err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+  assert err < 1e-5, err
+
+
+def test_demodulated_output_has_unit_variance():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((8, 16, 16, 64)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 64, 32)).astype(np.float32)
+  s = rng.uniform(0.2, 3.0, (8, 64)).astype(np.float32)  # Very unequal styles.
+  y = np.asarray(networks.modulated_conv2d(x, w, s))[:, 1:-1, 1:-1]  # Skip zero-padded borders.
+  assert abs(y.var() - 1.0) < 0.05, y.var()
+  # Without demodulation the scale follows the styles: far from 1.
+  y_mod = np.asarray(networks.modulated_conv2d(x, w, s, demodulate=False))[:, 1:-1, 1:-1]
+  assert y_mod.var() > 10
+
+
+def _np_upfirdn2d(x, f1, up, down, pad, gain):
+  """Float64 reference with the full 2-D filter (scipy convolve2d), per image/channel."""
+  f = np.outer(f1, f1) / np.sum(f1) ** 2 * gain
+  n, h, w, c = x.shape
+  z = np.zeros((n, h * up, w * up, c))
+  z[:, ::up, ::up] = x
+  z = np.pad(z, ((0, 0), pad, pad, (0, 0)))
+  out = np.stack([np.stack([signal.convolve2d(z[b, :, :, ch], f, mode='valid')
+                            for ch in range(c)], -1) for b in range(n)])
+  return out[:, ::down, ::down]
+
+
+def test_filtered_resampling_matches_2d_reference():
+  x = np.random.default_rng(2).standard_normal((2, 8, 8, 3))
+  f = networks.setup_filter()
+  got_up = np.asarray(networks.upsample2d(jnp.asarray(x, jnp.float32), f))
+  np.testing.assert_allclose(got_up, _np_upfirdn2d(x, [1, 3, 3, 1], 2, 1, (2, 1), 4.0), atol=1e-5)
+  got_down = np.asarray(networks.downsample2d(jnp.asarray(x, jnp.float32), f))
+  np.testing.assert_allclose(got_down, _np_upfirdn2d(x, [1, 3, 3, 1], 1, 2, (1, 1), 1.0), atol=1e-5)
+  assert got_up.shape == (2, 16, 16, 3) and got_down.shape == (2, 4, 4, 3)
+
+
+def test_minibatch_std_appends_group_stddev():
+  x = np.random.default_rng(3).standard_normal((8, 4, 4, 6)).astype(np.float32)
+  y = np.asarray(networks.minibatch_std(jnp.asarray(x), group_size=4))
+  assert y.shape == (8, 4, 4, 7)
+  for g in range(2):  # Consecutive groups of 4.
+    grp = x[4 * g:4 * g + 4]
+    want = np.sqrt(grp.var(axis=0) + 1e-8).mean()
+    np.testing.assert_allclose(y[4 * g:4 * g + 4, ..., 6], want, rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def tiny_g():
+  """(generator, params, jitted mapping, jitted G(z, w_avg, psi) with const noise)."""
+  g = networks.Generator(**TINY_MODEL)
+  key = jax.random.PRNGKey(0)
+  params = jax.jit(lambda k: g.init({'params': k, 'noise': k}, jnp.zeros((1, 32))))(key)['params']
+  mapping = jax.jit(lambda z: g.apply({'params': params}, z, method='mapping'))
+  generate = jax.jit(lambda z, w_avg, psi: g.apply({'params': params}, z, w_avg, psi, None, 'const'))
+  return g, params, mapping, generate
+
+
+def test_generator_shapes_and_num_ws(tiny_g):
+  _, params, mapping, generate = tiny_g
+  z = jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+  ws = mapping(z)
+  assert ws.shape == (4, networks.num_ws_for(32), 32) == (4, 8, 32)
+  img = generate(z, jnp.zeros(32), 1.0)
+  assert img.shape == (4, 32, 32, 3) and np.all(np.isfinite(img))
+  # Mapping weights are stored at 1/lr_mul = 100x scale (equalised learning rate).
+  assert 50 < np.std(params['mapping_net']['fc0']['weight']) < 200
+
+
+def test_truncation_psi_zero_gives_one_image(tiny_g):
+  generate = tiny_g[3]
+  z = jax.random.normal(jax.random.PRNGKey(3), (4, 32))
+  w_avg = jax.random.normal(jax.random.PRNGKey(4), (32,))
+  img = np.asarray(generate(z, w_avg, 0.0))
+  np.testing.assert_allclose(img, np.broadcast_to(img[:1], img.shape), atol=1e-5)
+  img1 = np.asarray(generate(z, w_avg, 1.0))
+  assert np.abs(img1 - img1[:1]).max() > 1e-2  # psi=1: different z, different images.
+  # A cutoff truncates only the first layers.
+  ws = jax.random.normal(jax.random.PRNGKey(5), (4, 8, 32))
+  t = np.asarray(networks.truncate(ws, w_avg, 0.0, cutoff=3))
+  np.testing.assert_allclose(t[:, :3], np.broadcast_to(w_avg, (4, 3, 32)))
+  np.testing.assert_allclose(t[:, 3:], ws[:, 3:])
+
+
+def test_w_avg_moves_toward_batch_mean(tiny_g):
+  mapping = tiny_g[2]
+  ws = mapping(jax.random.normal(jax.random.PRNGKey(6), (16, 32)))
+  mean = np.asarray(ws[:, 0]).mean(0)
+  w_avg = np.zeros(32, np.float32)
+  new = np.asarray(networks.update_w_avg(jnp.asarray(w_avg), ws, beta=0.995))
+  np.testing.assert_allclose(new, w_avg + 0.005 * (mean - w_avg), rtol=1e-4, atol=1e-6)
+  assert np.linalg.norm(new - mean) < np.linalg.norm(w_avg - mean)
+
+
+def test_resolution_must_be_power_of_two():
+  with pytest.raises(ValueError, match='power of two'):
+    networks.check_resolution(48)
+  with pytest.raises(ValueError, match='from 32 to 256'):
+    networks.check_resolution(512)
+
+
+# ---------------------------------------------------------------------------
+# Losses.
+
+
+def test_r1_matches_finite_differences():
+  """R1 = ||grad_x D(x)||^2, against central differences on every pixel (float64)."""
+  with jax.enable_x64(True):
+    d = networks.Discriminator(resolution=32, channel_base=64, channel_max=8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 3), jnp.float64)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64),
+                          d.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
+    d_fn = lambda img: d.apply(params, img)
+    r1, logits = loss.r1_penalty(d_fn, x)
+    eps = 1e-5
+    basis = jnp.eye(x.size, dtype=jnp.float64).reshape((x.size,) + x.shape[1:])
+    d_one = jax.jit(jax.vmap(lambda e: d_fn(x + eps * e[None])[0]))
+    grad_fd = (d_one(basis) - d_one(-basis)) / (2 * eps)
+    want = float(jnp.sum(grad_fd ** 2))
+    assert logits.shape == (1,)
+    assert abs(float(r1[0]) - want) / want < 1e-6, (float(r1[0]), want)
+
+
+def test_path_lengths_of_a_linear_synthesis():
+  """For img = ws . A, J^T y is explicit: compare with the library's estimate."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 5 * 5 * 3))
+  synth = lambda ws: jnp.einsum('nlw,lwp->np', ws, a).reshape(-1, 5, 5, 3)
+  ws = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 6))
+  key = jax.random.PRNGKey(2)
+  got = loss.path_lengths(synth, ws, key)
+  y = jax.random.normal(key, (3, 5, 5, 3)) / 5.0
+  grads = jnp.einsum('np,lwp->nlw', y.reshape(3, -1), a)
+  want = jnp.sqrt(jnp.mean(jnp.sum(grads ** 2, axis=2), axis=1))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  penalty, new_mean = loss.path_length_penalty(got, jnp.float32(1.0), decay=0.01)
+  np.testing.assert_allclose(new_mean, 1.0 + 0.01 * (got.mean() - 1.0), rtol=1e-6)
+  np.testing.assert_allclose(penalty, np.mean((got - new_mean) ** 2), rtol=1e-5)
+
+
+def test_logistic_losses_and_style_mixing():
+  logits = jnp.array([-2.0, 0.0, 3.0])
+  np.testing.assert_allclose(loss.g_nonsaturating_loss(logits), np.mean(np.log1p(np.exp(-logits))), rtol=1e-6)
+  fake, real = loss.d_logistic_loss(logits, -logits)
+  np.testing.assert_allclose(fake, real, rtol=1e-6)
+  ws, ws2 = jnp.zeros((2, 8, 4)), jnp.ones((2, 8, 4))
+  assert np.all(loss.style_mix(jax.random.PRNGKey(0), ws, ws2, 0.0) == 0)
+  mixed = np.asarray(loss.style_mix(jax.random.PRNGKey(0), ws, ws2, 1.0))
+  cut = int(np.argmax(mixed[0, :, 0]))  # First layer from ws2.
+  assert 1 <= cut < 8 and np.all(mixed[:, :cut] == 0) and np.all(mixed[:, cut:] == 1)
+
+
+# ---------------------------------------------------------------------------
+# Augmentation.
+
+
+def test_augment_policy_probability_and_gradients():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3), minval=-1, maxval=1)
+  key = jax.random.PRNGKey(1)
+  policy = augment.parse_policy('color, translation,cutout')
+  assert policy == augment.AUGMENTATIONS
+  np.testing.assert_array_equal(augment.augment(key, x, policy, 0.0), x)
+  y = augment.augment(key, x, policy, 1.0)
+  assert y.shape == x.shape and float(jnp.abs(y - x).max()) > 0.1
+  g = jax.grad(lambda v: jnp.sum(augment.augment(key, v, policy, 1.0) ** 2))(x)
+  assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0
+  # Cutout zeroes a quarter of the image (a half-size square) unless it hits a border.
+  c = np.asarray(augment.cutout(key, jnp.ones((4, 16, 16, 1))))
+  assert np.all((c == 0).sum(axis=(1, 2, 3)) <= 64) and np.all((c == 0).sum(axis=(1, 2, 3)) >= 16)
+  assert augment.parse_policy('') == ()
+
+
+def test_unknown_augmentation_is_an_error():
+  with pytest.raises(ValueError, match="Unknown augmentation 'rotate'"):
+    augment.parse_policy('color,rotate')
+  c = demo.get_config()
+  c.augment.policy = 'color,rotate'
+  with pytest.raises(ValueError, match=r'config\.augment\.policy'):
+    config_lib.validate(c)
+
+
+def test_ada_adjust_moves_p_with_overfitting():
+  p = jnp.float32(0.5)
+  up = augment.ada_adjust(p, jnp.float32(0.9), 0.6, batch_size=64, interval=4, ada_kimg=500)
+  down = augment.ada_adjust(p, jnp.float32(0.1), 0.6, batch_size=64, interval=4, ada_kimg=500)
+  np.testing.assert_allclose([up, down], [0.5 + 256 / 5e5, 0.5 - 256 / 5e5], rtol=1e-6)
+  assert float(augment.ada_adjust(jnp.float32(0.0), jnp.float32(0.0), 0.6, 64, 4, 500)) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def test_shipped_configs_validate():
+  config_lib.validate(demo.get_config())
+  config_lib.validate(anime64.get_config())
+
+
+@pytest.mark.parametrize('key,value,error,match', [
+    ('model.resolution', 48, ValueError, r'config\.model\.resolution must be a power of two'),
+    ('data.image_size', 64, ValueError, r'config\.data\.image_size=64 differs'),
+    ('augment.policy', 'colour', ValueError, r'config\.augment\.policy'),
+    ('loss.r1_gamma', -1.0, ValueError, r'config\.loss\.r1_gamma'),
+    ('sample.noise_mode', 'fixed', ValueError, r'config\.sample\.noise_mode'),
+])
+def test_bad_config_values_name_the_key(key, value, error, match):
+  c = demo.get_config()
+  section, name = key.split('.')
+  c[section][name] = value
+  with pytest.raises(error, match=match):
+    config_lib.validate(c)
+
+
+def test_unknown_config_key_is_an_error():
+  c = demo.get_config()
+  c.loss.unlock()
+  c.loss.r1_gama = 1.0
+  with pytest.raises(KeyError, match=r'config\.loss\.r1_gama'):
+    config_lib.validate(c)
+
+
+def test_folder_images_of_another_size_are_an_error():
+  from common import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.data.source = 'folder'
+  c.data.path = str(shared_path('data', 'anime_faces_getchu64', 'images'))
+  c.data.resize = False  # 64x64 files, config says 32.
+  c.data.max_images = 4
+  with pytest.raises(ValueError, match='image_size=32'):
+    data_lib.load_dataset(c.data)
+
+
+# ---------------------------------------------------------------------------
+# Training on real faces: a few dozen steps, checkpoints, resume, sampling.
+
+
+def _train_config(path, num_steps):
+  c = demo.get_config()
+  c.data.source = 'folder'
+  c.data.path = str(path)
+  c.data.image_size = 32
+  c.data.max_images = 256
+  for k, v in TINY_MODEL.items():
+    c.model[k] = v
+  c.augment.policy = 'color,translation,cutout'
+  c.augment.ada_kimg = 1  # p moves visibly within the run.
+  c.training.batch_size = 4
+  c.training.num_steps = num_steps
+  c.training.log_every = 8
+  c.training.save_every = 12
+  c.training.sample_every = 1000
+  c.training.grid_size = 4
+  c.sample.batch_size = 4
+  return c
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
+  faces = shared_path('data', 'anime_faces_getchu64', 'images')
+  root = tmp_path_factory.mktemp('stylegan')
+  config = _train_config(faces, 24)
+  init = training_loop.create_state(config, jax.random.PRNGKey(config.seed))
+  straight = training_loop.train_and_evaluate(config, root / 'straight')
+  # The same run cut in two: stop at 12, then a fresh call resumes from the checkpoint.
+  training_loop.train_and_evaluate(_train_config(faces, 12), root / 'resumed')
+  resumed = training_loop.train_and_evaluate(config, root / 'resumed')
+  return dict(config=config, root=root, init=init, straight=straight, resumed=resumed)
+
+
+def _images(state, config):
+  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
+  z = training_loop.fixed_latents(config, 4)
+  return training_loop.generate(state.g_params, state.w_avg, config, z), \
+      training_loop.generate(state.g_ema_params, state.w_avg, config, z)
+
+
+def test_training_runs_and_changes_g(trained):
+  init, final, config = trained['init'], trained['straight'], trained['config']
+  assert int(final.step) == 24
+  for leaf in jax.tree.leaves((final.g_params, final.d_params, final.pl_mean, final.w_avg)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  g0, e0 = _images(init, config)
+  g1, e1 = _images(final, config)
+  assert np.abs(g1.astype(int) - g0).mean() > 1.0   # uint8 levels.
+  assert np.abs(e1.astype(int) - e0).mean() > 0.5
+  assert float(final.pl_mean) > 0                    # Path-length reg ran.
+  assert float(final.ada_p) > 0                      # ADA moved p.
+  assert float(jnp.linalg.norm(final.w_avg)) > 0     # w_avg is tracked.
+  assert (trained['root'] / 'straight' / 'samples' / 'grid_0000024.png').exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run(trained):
+  a, b = trained['straight'], trained['resumed']
+  assert int(b.step) == 24
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ga, ea = _images(a, trained['config'])
+  gb, eb = _images(b, trained['config'])
+  np.testing.assert_array_equal(ea, eb)
+  np.testing.assert_array_equal(ga, gb)
+
+
+def test_checkpoint_round_trip_and_sampling(trained, tmp_path):
+  from stylegan import sample, training_loop  # pylint: disable=g-import-not-at-top
+  config, workdir = trained['config'], trained['root'] / 'straight'
+  restored = training_loop.restore_for_sampling(config, workdir)
+  for x, y in zip(jax.tree.leaves(trained['straight']), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  paths = sample.sample_to_folder(config, workdir, 5, tmp_path / 'out', psi=0.7)
+  assert sorted(p.name for p in paths) == [f'{i}.jpg' for i in range(1, 6)]
+  assert all(p.exists() for p in paths)
+  assert (workdir / 'samples' / 'sample_grid.png').exists()
+  # psi=0 collapses every sample onto w_avg: one image.
+  imgs = sample.sample_images(config, workdir, 3, psi=0.0)
+  assert np.abs(imgs.astype(int) - imgs[:1]).max() <= 1
