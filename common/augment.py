@@ -32,15 +32,18 @@ def validate(c: ml_collections.ConfigDict, prefix: str = 'augment') -> None:
 
 
 def rotate(image: jnp.ndarray, angle: jnp.ndarray) -> jnp.ndarray:
-  """Rotates one [H, W, C] image about its centre (bilinear, edge pixels repeated)."""
+  """Rotates one [H, W, C] image counter-clockwise about its centre (as torchvision does).
+
+  Bilinear; pixels from outside the image repeat the edge.
+  """
   h, w, _ = image.shape
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing='ij')
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Inverse map: each output pixel samples the input at the un-rotated position.
-  src_y = cos * (yy - cy) - sin * (xx - cx) + cy
-  src_x = sin * (yy - cy) + cos * (xx - cx) + cx
+  src_y = cos * (yy - cy) + sin * (xx - cx) + cy
+  src_x = -sin * (yy - cy) + cos * (xx - cx) + cx
   sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [src_y, src_x], order=1, mode='nearest')
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 

@@ -1,0 +1,185 @@
+"""Shared plumbing: image folders, batch order, checkpoints, config checks, augmentation."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import augment, checkpoint, data, imageio
+from common import config as config_lib
+from conftest import shared_path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+  """Every kind of file a scraped image folder holds."""
+  root = tmp_path / 'imgs'
+  (root / 'sub' / 'deeper').mkdir(parents=True)
+  rng = np.random.RandomState(0)
+  rgb = rng.randint(0, 255, (20, 30, 3), np.uint8)
+  Image.fromarray(rgb).save(root / 'a.jpg')
+  Image.fromarray(rgb[..., 0]).save(root / 'sub' / 'gray.png')                   # L
+  Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])).save(root / 'sub' / 'rgba.png')
+  Image.fromarray(rgb).convert('P').save(root / 'sub' / 'deeper' / 'palette.png')  # P
+  Image.fromarray(rgb).save(root / 'sub' / 'deeper' / 'c.webp')
+  (root / 'broken.jpg').write_bytes(b'\xff\xd8\xff garbage')
+  full = root / 'a.jpg'
+  (root / 'truncated.jpg').write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+  (root / 'notes.txt').write_text('not an image')
+  return root
+
+
+def test_image_folder_recursive_conversion_and_skipping(mixed_folder, caplog):
+  images, paths = imageio.load_images(mixed_folder, size=16)
+  assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+  assert sorted(p.name for p in paths) == ['a.jpg', 'c.webp', 'gray.png', 'palette.png', 'rgba.png']
+  assert 'Skipped 2 unreadable image file(s)' in caplog.text
+  gray = images[[p.name for p in paths].index('gray.png')]
+  assert np.array_equal(gray[..., 0], gray[..., 1])  # Grayscale replicated to RGB.
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+  Image.new('RGBA', (8, 8), (0, 0, 0, 0)).save(tmp_path / 'clear.png')
+  assert (imageio.read_image(tmp_path / 'clear.png') == 255).all()
+
+
+def test_center_crop_and_resize(tmp_path):
+  img = np.zeros((10, 20, 3), np.uint8)
+  img[:, 5:15] = 255  # The central square is white.
+  Image.fromarray(img).save(tmp_path / 'wide.png')
+  out = imageio.read_image(tmp_path / 'wide.png', size=4, resample='nearest')
+  assert out.shape == (4, 4, 3) and (out == 255).all()
+
+
+def test_mixed_sizes_without_resize_is_an_error(tmp_path):
+  imageio.save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / 'a.png')
+  imageio.save_image(np.zeros((9, 9, 3), np.uint8), tmp_path / 'b.png')
+  with pytest.raises(ValueError, match='different sizes'):
+    imageio.load_images(tmp_path)
+
+
+def test_missing_and_empty_folders(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    imageio.list_images(tmp_path / 'nope')
+  (tmp_path / 'e').mkdir()
+  (tmp_path / 'e' / 'readme.md').write_text('x')
+  with pytest.raises(imageio.NoImagesError, match='holds no image file'):
+    imageio.list_images(tmp_path / 'e')
+
+
+def test_write_numbered_and_grid(tmp_path):
+  imgs = np.random.RandomState(0).randint(0, 255, (5, 6, 6, 3), np.uint8)
+  paths = imageio.write_numbered(imgs, tmp_path / 'out', ext='png')
+  assert [p.name for p in paths] == ['1.png', '2.png', '3.png', '4.png', '5.png']
+  np.testing.assert_array_equal(np.asarray(Image.open(paths[2])), imgs[2])  # PNG is lossless.
+  grid = imageio.make_grid(imgs, ncol=3, pad=1)
+  assert grid.shape == (2 * 7 + 1, 3 * 7 + 1, 3)
+  np.testing.assert_array_equal(grid[8:14, 1:7], imgs[3])
+  np.testing.assert_array_equal(imageio.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+
+
+def test_folder_source_on_shared_faces():
+  c = data.get_config()
+  c.path = str(shared_path('data', 'anime_faces_mlds96', 'images'))
+  c.image_size = 32
+  c.max_images = 50
+  images = data.load_dataset(c)
+  assert images.shape == (50, 32, 32, 3)
+  assert 40 < images.mean() < 220  # Real pictures, not blank.
+
+
+def test_builtin_digits():
+  c = data.get_config()
+  c.source = 'digits'
+  c.image_size = 16
+  images = data.load_dataset(c)
+  assert images.shape == (1797, 16, 16, 3)
+  assert images.min() < 30 and images.max() > 240  # Dark ink on white.
+
+
+def test_tfds_not_prepared_is_a_clear_error(tmp_path):
+  c = data.get_config()
+  c.source, c.tfds_name, c.tfds_data_dir = 'tfds', 'cifar10', str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r'cifar10.*not prepared.*tfds build cifar10'):
+    data.load_dataset(c)
+
+
+def test_batch_order_is_deterministic_and_resumable():
+  images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+  it = data.BatchIterator(images, 4, seed=3)
+  first = [next(it)[:, 0, 0, 0].tolist() for _ in range(6)]
+  # Every epoch is a permutation of the data set.
+  flat = sum(first, [])
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+  resumed = data.BatchIterator(images, 4, seed=3, step=4)
+  assert [next(resumed)[:, 0, 0, 0].tolist() for _ in range(2)] == first[4:]
+  other = data.BatchIterator(images, 4, seed=4)
+  assert [next(other)[:, 0, 0, 0].tolist() for _ in range(6)] != first
+
+
+def test_config_checks_name_the_key():
+  ref = ml_collections.ConfigDict({'a': 1, 'sub': {'b': 2}})
+  bad = ml_collections.ConfigDict({'a': 1, 'sub': {'c': 2}})
+  with pytest.raises(KeyError, match=r"config.sub.c.*valid keys here: b"):
+    config_lib.check_keys(bad, ref)
+  with pytest.raises(ValueError, match=r"data.source='ftp' is not one of"):
+    c = data.get_config()
+    c.source = 'ftp'
+    data.validate(c)
+  with pytest.raises(ValueError, match='res must be a power of two, got 48'):
+    config_lib.check_power_of_two(48, 'res')
+
+
+def test_checkpointer_ignores_and_cleans_killed_saves(tmp_path):
+  state = {'w': jnp.arange(4.0), 'step': jnp.array(3)}
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, async_save=False)
+  ckpt.save(3, state)
+  ckpt.close()
+  # What kill -9 during the save of step 7 leaves behind.
+  leftover = tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-1234'
+  leftover.mkdir()
+  (leftover / 'partial').write_bytes(b'\0' * 10)
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1)
+  assert not leftover.exists()
+  assert ckpt.latest_step() == 3
+  restored = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+  ckpt.close()
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+
+
+def test_checkpointer_keeps_last_k(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, {'x': jnp.full((2,), step)})
+  ckpt.close()
+  assert ckpt.all_steps() == [2, 3]
+
+
+def test_preemption_guard_on_sigterm():
+  import os, signal  # pylint: disable=g-import-not-at-top,multiple-imports
+  with checkpoint.PreemptionGuard() as guard:
+    assert not guard.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.should_stop(2)
+  assert signal.getsignal(signal.SIGTERM) is not guard._handler
+
+
+def test_augmentation():
+  c = augment.get_config()
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (8, 16, 16, 3)), jnp.float32)
+  assert augment.augment(jax.random.PRNGKey(0), x, c) is x  # Disabled by default.
+  c.enabled = True
+  y = augment.augment(jax.random.PRNGKey(0), x, c)
+  assert y.shape == x.shape and float(jnp.abs(y).max()) <= 1.0
+  assert not np.allclose(y, x)
+  # Pure flips: each image is itself or its mirror.
+  c.rotation_degrees = c.brightness = c.contrast = 0.0
+  y = np.asarray(augment.augment(jax.random.PRNGKey(1), x, c))
+  mirrored = [np.allclose(y[i], x[i, :, ::-1]) for i in range(8)]
+  same = [np.allclose(y[i], x[i]) for i in range(8)]
+  assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)
+  # A 90-degree rotation matches numpy's rot90 (checks the geometry and direction).
+  r = augment.rotate(x[0], jnp.deg2rad(90.0))
+  np.testing.assert_allclose(r, np.rot90(np.asarray(x[0]), k=1, axes=(0, 1)), atol=1e-4)

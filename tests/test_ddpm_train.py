@@ -1,0 +1,295 @@
+"""Training end to end on a tiny U-Net: loss, sampling, checkpoints, resume, devices, errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import checkpoint, imageio
+from ddpm import sample, train
+from ddpm.configs import default
+from conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_path=None):
+  config = default.get_config()
+  if data_path is None:
+    config.data.source = 'digits'
+  else:
+    config.data.path = str(data_path)
+    config.data.max_images = 512
+  config.data.image_size = 16
+  config.model.block_out_channels = (16, 32)
+  config.model.layers_per_block = 1
+  config.model.attention_resolutions = (8,)
+  config.model.norm_groups = 8
+  config.diffusion.num_timesteps = 100
+  config.diffusion.schedule = 'cosine'
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 10
+  config.train.batch_size = 16
+  config.train.num_steps = 20
+  config.train.log_every = 5
+  config.train.checkpoint_every = 5
+  config.train.sample_every = 0
+  config.train.ema_decay = 0.9
+  config.train.async_checkpoint = False
+  config.sample.num_steps = 10
+  config.sample.num_images = 6
+  config.sample.batch_size = 4
+  config.sample.progressive = True
+  return config
+
+
+def params_of(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def tree_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def read_scalars(workdir, tag):
+  """(step, value) pairs of a scalar from the run's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = []
+  for f in sorted(Path(workdir).glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(f)):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values.append((event.step, float(tf.make_ndarray(v.tensor))))
+  return values
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A few hundred steps on real anime faces (or digits when ../shared is absent)."""
+  try:
+    path = shared_path('data', 'anime_faces_getchu64', 'images')
+  except pytest.skip.Exception:
+    path = None
+  config = tiny_config(path)
+  config.train.num_steps = 300
+  config.train.log_every = 25
+  config.train.checkpoint_every = 100
+  config.train.sample_every = 300
+  config.train.num_grid_samples = 4
+  workdir = tmp_path_factory.mktemp('trained')
+  state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
+
+
+def test_loss_falls(trained):
+  _, workdir, state = trained
+  assert int(state.step) == 300
+  losses = [v for _, v in read_scalars(workdir, 'loss')]
+  assert len(losses) == 12
+  assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+  assert all(np.isfinite(losses))
+  # Progress scalars and an EMA sample grid reach TensorBoard.
+  assert read_scalars(workdir, 'steps_per_sec')
+  assert (workdir / 'samples_during_training' / '00000300.png').exists()
+
+
+def test_sampling_writes_numbered_images(trained, tmp_path):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.sample.output_dir = str(tmp_path / 'out')
+  out = sample.generate(config, workdir)
+  files = sorted(p.name for p in out.iterdir())
+  assert files == sorted(f'{i}.jpg' for i in range(1, 7))
+  for i in range(1, 7):
+    with Image.open(out / f'{i}.jpg') as im:
+      assert im.size == (16, 16) and im.mode == 'RGB'
+  assert (tmp_path / 'out_grid.png').exists() and (tmp_path / 'out_progressive.png').exists()
+
+
+def test_ddpm_sampler_runs_all_steps(trained, tmp_path):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.sample.sampler = 'ddpm'
+  config.sample.num_images = 2
+  config.sample.progressive = False
+  config.sample.output_dir = str(tmp_path / 'out')
+  sample.generate(config, workdir)
+  assert imageio.load_images(tmp_path / 'out')[0].shape == (2, 16, 16, 3)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(trained):
+  config, workdir, state = trained
+  model, params = sample.restore_params(config, workdir, use_ema=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  t = jnp.array([3, 70])
+  before = model.apply({'params': state.ema_params}, x, t)
+  after = model.apply({'params': params}, x, t)
+  np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+  config = tiny_config()
+  config.optim.lr_schedule = 'constant'
+  config.train.num_steps = 60
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+
+  # The same run in a subprocess, SIGTERM'd after its first checkpoint, then restarted.
+  config_file = tmp_path / 'tiny.py'
+  config_file.write_text(
+      f'import sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
+      'from test_ddpm_train import tiny_config\n'
+      'def get_config():\n'
+      '  c = tiny_config()\n'
+      "  c.optim.lr_schedule = 'constant'\n"
+      '  c.train.num_steps = 60\n'
+      '  return c\n')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'ddpm.main', f'--config={config_file}',
+       f'--workdir={tmp_path / "split"}'],
+      cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED='1'), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT)
+  ckpt_dir = tmp_path / 'split' / 'checkpoints'
+  deadline = time.time() + 240
+  while not (ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert time.time() < deadline, 'no checkpoint within 240 s'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == 0, out[-3000:]
+  stopped = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+  assert f'Stopped at step {stopped}' in out, out[-3000:]
+  assert 5 <= stopped < 60, 'SIGTERM came too late to interrupt the run'
+
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert int(resumed.step) == 60
+  assert tree_equal(params_of(resumed), params_of(full))
+  assert tree_equal(jax.device_get(resumed.ema_params), jax.device_get(full.ema_params))
+
+
+def test_eight_devices_give_the_same_loss_as_one():
+  script = f"""
+import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+import jax, numpy as np
+from test_ddpm_train import tiny_config
+from common import data, mesh as mesh_lib
+from ddpm import train
+config = tiny_config()
+mesh = mesh_lib.make_mesh()
+model, schedule, tx = train.build_model(config), train.build_schedule(config), train.make_optimizer(config)
+state = train.create_train_state(config, model, tx, mesh)
+step = train.make_train_step(config, model, schedule, tx, mesh)
+batch = next(data.BatchIterator(data.load_dataset(config.data), 16, seed=0))
+state, metrics = step(state, mesh_lib.shard_batch(batch, mesh))
+print('RESULT', len(jax.devices()), float(metrics['loss']), float(metrics['grad_norm']))
+"""
+  results = {}
+  for n in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+    out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    line = [l for l in out.stdout.splitlines() if l.startswith('RESULT')]
+    assert line, out.stderr[-3000:]
+    _, devices, loss, grad_norm = line[0].split()
+    assert int(devices) == n
+    results[n] = (float(loss), float(grad_norm))
+  np.testing.assert_allclose(results[8], results[1], rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config()
+  config.train.num_steps = 5
+  good = train.train_and_evaluate(config, str(tmp_path))
+  config.train.num_steps = 20
+  config.optim.learning_rate = 1e30
+  config.optim.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match='Non-finite.*last checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(tmp_path, 5)
+  assert ckpt.latest_step() == 5
+  restored = ckpt.restore(good)
+  ckpt.close()
+  assert tree_equal(params_of(restored), params_of(good))
+
+
+# --- Errors that must come before any compute ------------------------------------------------
+
+def test_unknown_schedule_is_rejected_naming_the_key(tmp_path):
+  config = tiny_config()
+  config.diffusion.schedule = 'quadratic'
+  with pytest.raises(ValueError, match=r"diffusion.schedule='quadratic'.*'cosine'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_image_size_incompatible_with_model(tmp_path):
+  config = tiny_config()
+  config.data.image_size = 15
+  with pytest.raises(ValueError, match='data.image_size=15 must be divisible'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_image_size_different_from_folder(tmp_path):
+  folder = tmp_path / 'faces'
+  for i in range(3):
+    imageio.save_image(np.full((24, 24, 3), 40 * i, np.uint8), folder / f'{i}.png')
+  config = tiny_config(folder)
+  config.data.resize = False
+  with pytest.raises(ValueError, match='are 24x24 but the config says data.image_size=16'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_empty_folder(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ValueError, match=r'empty.*holds no image file'):
+    train.train_and_evaluate(tiny_config(tmp_path / 'empty'), str(tmp_path / 'run'))
+
+
+def test_folder_of_corrupt_files(tmp_path):
+  folder = tmp_path / 'corrupt'
+  folder.mkdir()
+  for i in range(3):
+    (folder / f'{i}.jpg').write_bytes(b'not a jpeg' * i)
+  with pytest.raises(ValueError, match=r'corrupt has no readable image: all 3 file'):
+    train.train_and_evaluate(tiny_config(folder), str(tmp_path / 'run'))
+
+
+def test_cli_rejects_unknown_key_before_compute(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'ddpm.main', '--config=ddpm/configs/demo.py',
+       f'--workdir={tmp_path}', '--config.train.num_stepz=5'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert 'num_stepz' in out.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_cli_rejects_bad_value_before_compute(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'ddpm.main', '--config=ddpm/configs/demo.py',
+       f'--workdir={tmp_path}', '--config.sample.sampler=euler'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "sample.sampler='euler'" in out.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('name', ['demo', 'anime64', 'cifar10'])
+def test_shipped_configs_validate_and_have_expected_size(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'ddpm.configs.{name}').get_config()
+  default.validate(config)
+  model = train.build_model(config)
+  size = config.data.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                                             jnp.zeros((1,), jnp.int32)))
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  expected = {'demo': (0.3e6, 2e6), 'anime64': (25e6, 35e6), 'cifar10': (35.7e6, 35.8e6)}[name]
+  assert expected[0] <= count <= expected[1], count
