@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from common import mesh as mesh_lib
+
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
@@ -65,12 +67,15 @@ class Checkpointer:
     """Restores into the structure, dtypes and shardings of `target`.
 
     `target` is a concrete state or its `jax.eval_shape`; returns None when
-    there is nothing to restore.
+    there is nothing to restore. Leaves without a sharding are restored
+    replicated on this run's devices, whatever topology saved them (train on
+    8 GPUs, sample on 1).
     """
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    abstract = jax.tree.map(_abstract, target)
+    replicated = mesh_lib.replicated(mesh_lib.make_mesh())
+    abstract = jax.tree.map(lambda x: _abstract(x, replicated), target)
     logging.info('Restoring checkpoint of step %d from %s.', step, self.directory)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -86,12 +91,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def _abstract(x):
+def _abstract(x, default_sharding):
   if isinstance(x, jax.Array):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-  if isinstance(x, np.ndarray):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return x  # Already abstract (from eval_shape) or a Python scalar.
+  if isinstance(x, (np.ndarray, jax.ShapeDtypeStruct)):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=getattr(x, 'sharding', None) or default_sharding)
+  return x
 
 
 class PreemptionGuard:

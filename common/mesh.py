@@ -18,17 +18,20 @@ DATA_AXIS = 'data'
 
 
 def initialize_distributed() -> None:
-  """Calls jax.distributed.initialize() when launched as a multi-host job.
+  """Calls jax.distributed.initialize() when launched as a multi-process job.
 
-  Cluster launchers (SLURM, TPU pods, or the JAX_COORDINATOR_ADDRESS /
-  JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) are detected by JAX itself;
-  on a single machine without them this does nothing.
+  Explicit: JAX_COORDINATOR_ADDRESS=host:port with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (any launcher, also several processes on one machine).
+  Detected by JAX itself: SLURM with more than one task, TPU pods. A plain
+  single-process run does nothing here.
   """
-  multi_host = (
-      os.environ.get('JAX_COORDINATOR_ADDRESS')
-      or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-      or os.environ.get('TPU_WORKER_HOSTNAMES'))
-  if multi_host and not jax.distributed.is_initialized():
+  if jax.distributed.is_initialized():
+    return
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address:
+    jax.distributed.initialize(address, int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES'):
     jax.distributed.initialize()
 
 
@@ -70,6 +73,14 @@ def shard_batch(batch, mesh: Mesh):
 def replicate(tree, mesh: Mesh):
   """Places a pytree (params, train state) replicated on every device."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (no-op on one). Used after compilation, whose time varies
+  between hosts, so the first collective does not time out (gloo's is 30 s)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def gather(x) -> np.ndarray:

@@ -91,7 +91,14 @@ def diffusion_loss(s: Schedule, model_fn: Callable[[jnp.ndarray, jnp.ndarray], j
   t = jax.random.randint(t_rng, (b,), 0, s.num_timesteps)
   eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
   xt = q_sample(s, x0, t, eps)
-  target = {'eps': eps, 'x0': x0, 'v': velocity(s, x0, t, eps) if prediction == 'v' else None}[prediction]
+  if prediction == 'eps':
+    target = eps
+  elif prediction == 'x0':
+    target = x0
+  elif prediction == 'v':
+    target = velocity(s, x0, t, eps)
+  else:
+    raise ValueError(f'Unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}.')
   out = model_fn(xt, t).astype(jnp.float32)
   mse = jnp.mean((out - target)**2, axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(loss_weight(s, t, prediction, min_snr_gamma) * mse)

@@ -25,11 +25,7 @@ def restore_params(config, workdir: str | Path, use_ema: bool = True):
   model, tx = train.build_model(config), train.make_optimizer(config)
   ckpt = checkpoint.Checkpointer(workdir, config.train.checkpoint_every, async_save=False)
   try:
-    mesh = mesh_lib.make_mesh()
-    target = jax.eval_shape(lambda: train.init_state(config, model, tx))
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)), target)
-    state = ckpt.restore(target)
+    state = ckpt.restore(jax.eval_shape(lambda: train.init_state(config, model, tx)))
   finally:
     ckpt.close()
   if state is None:
@@ -73,7 +69,7 @@ def generate(config, workdir: str | Path) -> Path:
   elapsed = time.perf_counter() - start
   logging.info('Wrote %d images to %s in %.1f s (%.2f img/s, compile included).',
                written, out, elapsed, written / elapsed)
-  if s.progressive and jax.process_index() == 0:
+  if s.progressive:  # Every process computes (params are global arrays); process 0 writes.
     progressive_figure(config, model, params, schedule, out.parent / f'{out.name}_progressive.png')
   return out
 
@@ -88,7 +84,9 @@ def progressive_figure(config, model, params, schedule, path: Path, num_samples:
   sample_fn = train.make_sample_fn(config, model, schedule, num_snapshots=num_stages)
   x_T = train.noise_like_batch(jax.random.PRNGKey(config.sample.seed + 7), num_samples, config)
   _, snaps, snap_t = sample_fn(params, jax.random.PRNGKey(config.sample.seed + 8), x_T)
-  snaps = imageio.to_uint8(np.asarray(snaps))  # [K, N, H, W, 3]
+  snaps = imageio.to_uint8(mesh_lib.gather(snaps))  # [K, N, H, W, 3]
+  if jax.process_index() != 0:
+    return path
   k = snaps.shape[0]
   fig, axes = plt.subplots(num_samples, k, figsize=(1.2 * k, 1.2 * num_samples + 0.4),
                            squeeze=False)

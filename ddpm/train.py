@@ -171,6 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logs.check_finite(step, worst)
     return mean
 
+  # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
+  batch_shape = jax.ShapeDtypeStruct((t.batch_size, *images.shape[1:]), images.dtype,
+                                     sharding=mesh_lib.data_sharding(mesh))
+  step_fn = step_fn.lower(state, batch_shape).compile()
+  mesh_lib.barrier('ddpm train step compiled')
+  progress.reset_timer(start)
+
   step = start
   try:
     with checkpoint.PreemptionGuard() as guard:
@@ -179,8 +186,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
         step += 1
-        if step == start + 1:
-          progress.reset_timer(step)  # Exclude compilation from steps/s.
         if step % t.log_every == 0 or step == t.num_steps:
           scalars = check_pending(step)
           scalars['learning_rate'] = float(optim.learning_rate_schedule(config.optim, t.num_steps)(step))
