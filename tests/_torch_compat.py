@@ -1,20 +1,18 @@
-"""Torch-side references for the tests and benchmarks, without downloads.
+"""Torch-side references for the metrics tests and benchmarks, without downloads.
 
-Import this module before anything imports torchvision: the registry's
-torchvision is a CUDA build whose import fails on CPU torch unless its
-`_meta_registrations` module is stubbed (see shared/TOOLCHAIN.md).
+pytorch-fid's FID Inception with random weights (its constructor would
+download the released ones), and helpers to run it on NHWC uint8 images.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+from common.torch_compat import patch_torchvision
 
-sys.modules.setdefault('torchvision._meta_registrations',
-                       types.ModuleType('torchvision._meta_registrations'))
+patch_torchvision()  # Before pytorch_fid imports torchvision.
 
-import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pytorch_fid import inception as pfid_inception  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import torch
+from pytorch_fid import inception as pfid_inception
 
 
 def _random_fid_inception_v3():

@@ -1,27 +1,16 @@
 """AFD: the animeface detector with its preprocessing, on the shared face sets."""
 
 import csv
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
 from common import imageio
+from conftest import shared_path
 from metrics import __main__ as cli
 from metrics import afd
-
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
-GETCHU = SHARED / 'anime_faces_getchu64' / 'images'
-TADNE = SHARED / 'detector_samples' / 'tadne_tiles'
-
-
-def _need(folder):
-  if not folder.is_dir():
-    pytest.skip(f'shared data {folder} is absent (expected at ../shared beside the checkout)')
 
 
 @pytest.fixture(scope='module')
@@ -31,8 +20,8 @@ def detector():
 
 @pytest.fixture(scope='module')
 def getchu500():
-  _need(GETCHU)
-  return imageio.load_images(GETCHU, max_images=500)[0]
+  folder = shared_path('data', 'anime_faces_getchu64', 'images')
+  return imageio.load_images(folder, max_images=500)[0]
 
 
 def test_self_check_passes_on_this_install(detector):
@@ -81,8 +70,8 @@ def test_noise_and_blur_not_detected(getchu500, detector):
 
 
 def test_full_size_portraits_detected(detector):
-  _need(TADNE)
-  r = afd.afd(TADNE, detector=detector, progress=False)
+  r = afd.afd(shared_path('data', 'detector_samples', 'tadne_tiles'), detector=detector,
+              progress=False)
   assert r.num_images == 36 and r.rate >= 0.8, r.rate
 
 

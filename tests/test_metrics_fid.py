@@ -7,8 +7,6 @@ copied into the Flax network; the released weights are never needed.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import _torch_compat as tc  # pylint: disable=g-bad-import-order  (stubs torchvision first)
 import numpy as np
 import pytest
@@ -100,7 +98,8 @@ def test_fid_matches_pytorch_fid_end_to_end(pool3_pair):
     s1, s2 = fid.statistics_of_features(ours[:3]), fid.statistics_of_features(ours[3:])
   value = fid.frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
   expected = pfid_score.calculate_frechet_distance(
-      ref[:3].mean(0), np.cov(ref[:3], rowvar=False), ref[3:].mean(0), np.cov(ref[3:], rowvar=False))
+      ref[:3].mean(0), np.cov(ref[:3], rowvar=False),
+      ref[3:].mean(0), np.cov(ref[3:], rowvar=False))
   assert value == pytest.approx(expected, rel=1e-4)
 
 
@@ -295,7 +294,7 @@ def test_download_checks_sha256(tmp_path, monkeypatch):
   with pytest.raises(weights.WeightsNotFoundError, match='SHA-256'):
     weights.download(tmp_path / 'out.pth', url=src.as_uri())
   assert not (tmp_path / 'out.pth').exists()
-  monkeypatch.setattr(weights, 'SHA256', weights.sha256_of(src))
+  monkeypatch.setattr(weights, 'SHA256_PREFIX', weights.sha256_of(src)[:8])
   assert weights.download(tmp_path / 'out.pth', url=src.as_uri()).read_bytes() == b'not the weights'
 
 
@@ -310,20 +309,46 @@ def test_cli_stats_fid_kid(tmp_path, monkeypatch, capsys, torch_model):
   real, fake = tmp_path / 'real', tmp_path / 'fake'
   imageio.write_numbered(rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8), real, ext='png')
   imageio.write_numbered(rng.integers(0, 128, (5, 64, 64, 3), dtype=np.uint8), fake, ext='png')
-  common = ['--batch-size', '4', '--dims', '64']
-  assert cli.main(['-q', 'stats', str(real), str(tmp_path / 'real.npz'), '--features'] + common) == 0
-  assert cli.main(['-q', 'fid', str(tmp_path / 'real.npz'), str(fake)] + common) == 0
-  assert cli.main(['-q', 'fid', str(real), str(fake)] + common) == 0
-  assert cli.main(['-q', 'kid', str(tmp_path / 'real.npz'), str(fake), '--subsets', '2'] + common) == 0
+  opts = ['--batch-size', '4', '--dims', '64']
+  stats = str(tmp_path / 'real.npz')
+  assert cli.main(['-q', 'stats', str(real), stats, '--features'] + opts) == 0
+  assert cli.main(['-q', 'fid', stats, str(fake)] + opts) == 0
+  assert cli.main(['-q', 'fid', str(real), str(fake)] + opts) == 0
+  assert cli.main(['-q', 'kid', stats, str(fake), '--subsets', '2'] + opts) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[1] == out[2] and out[1].startswith('FID: ')  # .npz == folder.
   assert float(out[1].split()[1]) > 0 and out[3].startswith('KID: ')
   ref = tc.torch_features(torch_model, imageio.load_images(real)[0])[0]
-  stats = fid.load_statistics(tmp_path / 'real.npz')
-  np.testing.assert_allclose(stats.mu, ref.mean(0), rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+  loaded = fid.load_statistics(stats)
+  np.testing.assert_allclose(loaded.mu, ref.mean(0), rtol=1e-4, atol=1e-5 * np.abs(ref).max())
   # Clear errors, exit code 2, no traceback.
   assert cli.main(['fid', str(tmp_path / 'missing'), str(fake)]) == 2
   assert 'does not exist' in capsys.readouterr().err
   monkeypatch.setenv(weights.ENV_VAR, str(tmp_path / 'gone.pth'))
   assert cli.main(['fid', str(real), str(fake), '--batch-size', '4']) == 2
   assert weights.URL in capsys.readouterr().err
+
+
+def test_sharded_over_fake_devices():
+  """Batches split over 4 (fake CPU) devices, with and without micro-batching."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  code = '\n'.join([
+      'import os, sys',
+      "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'",
+      f'sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]',
+      'import _torch_compat as tc',
+      'import jax, numpy as np',
+      'from metrics import features, inception',
+      'model = tc.random_pytorch_fid_inception(0, dims=64)',
+      'params = inception.params_from_state_dict(tc.state_dict_numpy(model))',
+      'x = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)',
+      'ref = tc.torch_features(model, x)[0]',
+      'assert jax.device_count() == 4',
+      'for mb in (1, 2, 4):',
+      '  out = features.FeatureExtractor(64, params, batch_size=8, micro_batch=mb)(x)',
+      '  print(np.abs(out - ref).max() / np.abs(ref).max())',
+  ])
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  errors = [float(v) for v in run.stdout.split()]
+  assert len(errors) == 3 and max(errors) < 1e-5, errors

@@ -1,0 +1,192 @@
+"""Command line: python -m metrics {fid,kid,afd,stats,hw6,convert-weights,download-weights}.
+
+  python -m metrics fid REAL FAKE            # folders or .npz statistics
+  python -m metrics kid REAL FAKE
+  python -m metrics afd FAKE --csv afd.csv
+  python -m metrics stats FOLDER OUT.npz     # reference statistics, once
+  python -m metrics hw6 REAL FAKE            # FID and AFD in one line
+  python -m metrics convert-weights pt_inception-2015-12-05-6726825d.pth OUT.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _add_inception_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--dims', type=int, default=2048, choices=(64, 192, 768, 2048),
+                 help='Inception features: 2048 = pool3 (standard FID).')
+  p.add_argument('--batch-size', type=int, default=50)
+  p.add_argument('--resize', default='bilinear', choices=('bilinear', 'clean'),
+                 help="bilinear: pytorch-fid's torch resize (default); clean: clean-fid's "
+                      'PIL bicubic.')
+  p.add_argument('--weights', default=None,
+                 help='Inception weights (.pth/.npz); default: $FID_INCEPTION_WEIGHTS, '
+                      'the cache (~/.cache/jaxgen), else download.')
+  p.add_argument('--max-images', type=int, default=None, help='Use the first N images only.')
+
+
+def _add_afd_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--detector', default='animeface', choices=('animeface', 'yolo'))
+  p.add_argument('--yolo-weights', default=None, help='yolov8x6_animeface.pt (detector=yolo).')
+  p.add_argument('--min-size', type=int, default=None,
+                 help='Upscale images whose short side is below this (integer factor; '
+                      'animeface default 96, yolo 0 = never).')
+  p.add_argument('--border', type=float, default=None,
+                 help='White border, fraction of the side (animeface default 0.25, yolo 0).')
+  p.add_argument('--csv', default=None, help='Write per-image face counts and likelihoods.')
+
+
+def _extractor_kwargs(args) -> dict:
+  return dict(weights=args.weights, batch_size=args.batch_size, resize=args.resize)
+
+
+def _detector_kwargs(args) -> dict:
+  kw = {}
+  if args.min_size is not None:
+    kw['min_size'] = args.min_size
+  if args.border is not None:
+    kw['border'] = args.border
+  if args.detector == 'yolo':
+    kw['weights'] = args.yolo_weights
+  return kw
+
+
+def _cmd_fid(args) -> None:
+  from metrics import fid  # pylint: disable=g-import-not-at-top
+  value = fid.fid(args.real, args.fake, dims=args.dims, max_images=args.max_images,
+                  progress=not args.quiet, **_extractor_kwargs(args))
+  print(f'FID: {value:.4f}')
+
+
+def _cmd_kid(args) -> None:
+  from metrics import kid  # pylint: disable=g-import-not-at-top
+  r = kid.kid(args.real, args.fake, dims=args.dims, max_images=args.max_images,
+              num_subsets=args.subsets, subset_size=args.subset_size, seed=args.seed,
+              progress=not args.quiet, **_extractor_kwargs(args))
+  print(f'KID: {r.mean:.6f} +- {r.std:.6f} ({r.num_subsets} subsets of {r.subset_size})')
+
+
+def _cmd_afd(args) -> None:
+  from metrics import afd  # pylint: disable=g-import-not-at-top
+  r = afd.afd(args.fake, detector=args.detector, csv_path=args.csv, max_images=args.max_images,
+              progress=not args.quiet, **_detector_kwargs(args))
+  print(f'AFD: {r.rate:.4f} ({r.num_detected}/{r.num_images} images with a face, {r.detector})')
+  if args.csv:
+    print(f'Per-image results: {args.csv}')
+
+
+def _cmd_stats(args) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from metrics import fid  # pylint: disable=g-import-not-at-top
+  out = Path(args.out)
+  if out.exists() and not args.force:
+    raise FileExistsError(f'{out} exists; pass --force to overwrite.')
+  feats = fid.compute_features(args.folder, args.dims, max_images=args.max_images,
+                               progress=not args.quiet, **_extractor_kwargs(args))
+  stats = fid.statistics_of_features(feats)
+  path = stats.save(out)
+  if args.features:  # Same file, plus per-image features for KID.
+    np.savez_compressed(path, mu=stats.mu, sigma=stats.sigma,
+                        num_images=np.int64(stats.num_images), features=feats)
+  print(f'Saved {args.dims}-d statistics of {stats.num_images} images to {path}')
+
+
+def _cmd_hw6(args) -> None:
+  from metrics import afd, fid  # pylint: disable=g-import-not-at-top
+  fid_value = fid.fid(args.real, args.fake, dims=2048, max_images=args.max_images,
+                      progress=not args.quiet, **_extractor_kwargs(args))
+  r = afd.afd(args.fake, detector=args.detector, csv_path=args.csv, max_images=args.max_images,
+              progress=not args.quiet, **_detector_kwargs(args))
+  print(f'FID: {fid_value:.4f}  AFD: {r.rate:.4f} ({r.num_detected}/{r.num_images}, {r.detector})')
+
+
+def _cmd_convert(args) -> None:
+  from metrics import weights  # pylint: disable=g-import-not-at-top
+  print(f'Wrote {weights.convert(args.src, args.dest)}')
+
+
+def _cmd_download(args) -> None:
+  from metrics import weights  # pylint: disable=g-import-not-at-top
+  if args.dest:
+    dest = Path(args.dest)
+    path = dest if dest.is_file() else weights.download(dest)
+  else:
+    path = weights.find_weights()  # Downloads only when no copy is found.
+  print(f'Weights at {path}')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='python -m metrics', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('-q', '--quiet', action='store_true', help='No progress bars.')
+  parser.add_argument('-v', '--verbose', action='store_true')
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  p = sub.add_parser('fid', help='FID between two folders / .npz statistics.')
+  p.add_argument('real')
+  p.add_argument('fake')
+  _add_inception_args(p)
+  p.set_defaults(func=_cmd_fid)
+
+  p = sub.add_parser('kid', help='KID between two folders (or feature .npz files).')
+  p.add_argument('real')
+  p.add_argument('fake')
+  _add_inception_args(p)
+  p.add_argument('--subsets', type=int, default=100)
+  p.add_argument('--subset-size', type=int, default=1000)
+  p.add_argument('--seed', type=int, default=0)
+  p.set_defaults(func=_cmd_kid)
+
+  p = sub.add_parser('afd', help='Anime-face detection rate of a folder.')
+  p.add_argument('fake')
+  p.add_argument('--max-images', type=int, default=None)
+  _add_afd_args(p)
+  p.set_defaults(func=_cmd_afd)
+
+  p = sub.add_parser('stats', help="Save a folder's FID statistics (pytorch-fid .npz).")
+  p.add_argument('folder')
+  p.add_argument('out')
+  _add_inception_args(p)
+  p.add_argument('--features', action='store_true', help='Also store per-image features (KID).')
+  p.add_argument('--force', action='store_true', help='Overwrite OUT.')
+  p.set_defaults(func=_cmd_stats)
+
+  p = sub.add_parser('hw6', help='The HW6 check: FID (vs REAL folder or .npz) and AFD of FAKE.')
+  p.add_argument('real')
+  p.add_argument('fake')
+  _add_inception_args(p)
+  _add_afd_args(p)
+  p.set_defaults(func=_cmd_hw6)
+
+  p = sub.add_parser('convert-weights', help='.pth -> torch-free .npz / .safetensors.')
+  p.add_argument('src')
+  p.add_argument('dest')
+  p.set_defaults(func=_cmd_convert)
+
+  p = sub.add_parser('download-weights', help='Fetch the Inception weights into the cache.')
+  p.add_argument('--dest', default=None)
+  p.set_defaults(func=_cmd_download)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format='%(levelname)s: %(message)s')
+  from common.imageio import NoImagesError  # pylint: disable=g-import-not-at-top
+  try:
+    args.func(args)
+  except (FileNotFoundError, FileExistsError, NotADirectoryError, NoImagesError,
+          ImportError, ValueError, RuntimeError) as e:
+    # Expected failures (missing folder/weights, broken detector): message, no traceback.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
