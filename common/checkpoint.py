@@ -43,18 +43,22 @@ def remove_tmp_checkpoints(directory: str | Path) -> list[Path]:
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a train state, saved every `save_every` steps."""
 
-  def __init__(self, workdir: str | Path, save_every: int, keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, workdir: str | Path, save_every: int = 1, keep: int = 3,
+               async_save: bool = True, read_only: bool = False):
+    """`read_only` (sampling, evaluation) touches nothing on disk: a training run
+    writing into the same workdir keeps its in-progress save."""
     self.directory = Path(workdir).absolute() / 'checkpoints'
-    remove_tmp_checkpoints(self.directory)
+    if not read_only:
+      remove_tmp_checkpoints(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            max_to_keep=None if read_only else keep,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         ))
 
   def latest_step(self) -> int | None:

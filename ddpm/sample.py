@@ -23,7 +23,7 @@ from ddpm.configs import default as default_config
 def restore_params(config, workdir: str | Path, use_ema: bool = True):
   """Parameters (EMA by default) from the workdir's latest checkpoint."""
   model, tx = train.build_model(config), train.make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(workdir, config.train.checkpoint_every, async_save=False)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     state = ckpt.restore(jax.eval_shape(lambda: train.init_state(config, model, tx)))
   finally:

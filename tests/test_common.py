@@ -183,3 +183,18 @@ def test_augmentation():
   # A 90-degree rotation matches numpy's rot90 (checks the geometry and direction).
   r = augment.rotate(x[0], jnp.deg2rad(90.0))
   np.testing.assert_allclose(r, np.rot90(np.asarray(x[0]), k=1, axes=(0, 1)), atol=1e-4)
+
+
+def test_read_only_checkpointer_leaves_a_running_save_alone(tmp_path):
+  assert checkpoint.Checkpointer(tmp_path / 'none', read_only=True).latest_step() is None
+  ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(2, {'x': jnp.ones(3)})
+  ckpt.close()
+  in_progress = tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-99'
+  in_progress.mkdir()
+  reader = checkpoint.Checkpointer(tmp_path, read_only=True)
+  assert reader.latest_step() == 2 and in_progress.exists()
+  np.testing.assert_array_equal(reader.restore({'x': jnp.zeros(3)})['x'], np.ones(3))
+  reader.close()
+  assert in_progress.exists()
+  assert not (tmp_path / 'none').exists()

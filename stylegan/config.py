@@ -1,0 +1,134 @@
+"""The StyleGAN config: reference defaults and validation before any compute.
+
+`configs/*.py` start from `base_config()` and override values; `validate`
+rejects unknown keys (typos) and bad values, naming the key, before main
+touches data or devices.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from common import config as config_lib
+from common import data as data_lib
+from stylegan import augment as augment_lib
+from stylegan import networks
+
+NOISE_MODES = networks.NOISE_MODES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a StyleGAN config may set, with stylegan2-ada-pytorch defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = data_lib.get_config()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.resolution = 64               # Power of two, 32..256; must equal data.image_size.
+  m.z_dim = 512
+  m.w_dim = 512
+  m.mapping_layers = 8
+  m.mapping_lr_multiplier = 0.01
+  m.channel_base = 16384          # Channels at resolution r: min(channel_base // r, channel_max).
+  m.channel_max = 512
+  m.mbstd_group_size = 4
+  m.w_avg_beta = 0.995            # Moving average of w, for truncation.
+
+  c.loss = l = ml_collections.ConfigDict()
+  l.r1_gamma = 0.0256             # ADA heuristic: 0.0002 * resolution**2 / batch_size.
+  l.d_reg_interval = 16           # Lazy R1: every 16 D steps, weighted x16.
+  l.pl_weight = 2.0               # 0 turns path-length regularisation off.
+  l.pl_decay = 0.01
+  l.pl_batch_shrink = 2
+  l.g_reg_interval = 4
+  l.style_mixing_prob = 0.9
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.g_lr = 0.0025
+  o.d_lr = 0.0025
+  o.beta1 = 0.0
+  o.beta2 = 0.99
+  o.eps = 1e-8
+
+  c.augment = a = ml_collections.ConfigDict()
+  a.policy = 'color,translation,cutout'  # DiffAugment ops; '' turns augmentation off.
+  a.p = 0.0                       # Probability per op and image (initial value under ADA).
+  a.ada_target = 0.6              # Target E[sign(D(reals))]; 0 keeps p fixed (p=1: DiffAugment).
+  a.ada_interval = 4              # Steps between p updates.
+  a.ada_kimg = 500                # p can go 0 -> 1 in this many thousand images.
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 32               # Global, over all devices and hosts.
+  t.num_steps = 150_000
+  t.ema_kimg = 10.0               # Half-life of G_ema in thousands of images.
+  t.ema_rampup = 0.05             # Half-life <= rampup * images seen so far; 0 = no ramp-up.
+  t.log_every = 100
+  t.sample_every = 2000           # G_ema grid from fixed latents to TensorBoard; 0 = never.
+  t.checkpoint_every = 2000
+  t.keep_checkpoints = 3
+  t.async_checkpoint = True
+  t.num_grid_samples = 64         # Fixed latents in the sample grid.
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.num_images = 1000             # --mode=sample writes OUT/1.jpg ... OUT/N.jpg.
+  s.output_dir = ''               # '' = WORKDIR/samples; the grid goes beside as OUT_grid.png.
+  s.psi = 1.0                     # Truncation; 1 = none. Lower: better faces, less variety.
+  s.truncation_cutoff = 0         # Truncate only the first ws; 0 = all of them.
+  s.noise_mode = 'const'
+  s.batch_size = 64
+  s.seed = 1
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises KeyError/ValueError naming the offending key."""
+  config_lib.check_keys(config, base_config())
+  data_lib.validate(config.data)
+  m, l, o, a, t, s = (config.model, config.loss, config.optim, config.augment,
+                      config.train, config.sample)
+  config_lib.check_power_of_two(m.resolution, 'model.resolution')
+  config_lib.check_range(m.resolution, 32, 256, 'model.resolution')
+  if config.data.image_size != m.resolution:
+    raise ValueError(
+        f'data.image_size={config.data.image_size} differs from '
+        f'model.resolution={m.resolution}; they must match.')
+  for name in ('z_dim', 'w_dim', 'channel_base', 'channel_max', 'mbstd_group_size',
+               'mapping_layers', 'mapping_lr_multiplier'):
+    config_lib.check_positive(m[name], f'model.{name}')
+  config_lib.check_range(m.w_avg_beta, 0.0, 1.0, 'model.w_avg_beta')
+  config_lib.check_positive(l.r1_gamma, 'loss.r1_gamma', allow_zero=True)
+  config_lib.check_positive(l.pl_weight, 'loss.pl_weight', allow_zero=True)
+  for name in ('d_reg_interval', 'g_reg_interval', 'pl_batch_shrink'):
+    config_lib.check_positive(l[name], f'loss.{name}')
+  config_lib.check_range(l.pl_decay, 0.0, 1.0, 'loss.pl_decay')
+  config_lib.check_range(l.style_mixing_prob, 0.0, 1.0, 'loss.style_mixing_prob')
+  config_lib.check_positive(o.g_lr, 'optim.g_lr')
+  config_lib.check_positive(o.d_lr, 'optim.d_lr')
+  config_lib.check_range(o.beta1, 0.0, 1.0, 'optim.beta1')
+  config_lib.check_range(o.beta2, 0.0, 1.0, 'optim.beta2')
+  try:
+    augment_lib.parse_policy(a.policy)
+  except ValueError as e:
+    raise ValueError(f'augment.policy: {e}') from None
+  config_lib.check_range(a.p, 0.0, 1.0, 'augment.p')
+  config_lib.check_range(a.ada_target, 0.0, 1.0, 'augment.ada_target')
+  config_lib.check_positive(a.ada_interval, 'augment.ada_interval')
+  config_lib.check_positive(a.ada_kimg, 'augment.ada_kimg')
+  for name in ('batch_size', 'num_steps', 'log_every', 'checkpoint_every',
+               'keep_checkpoints', 'num_grid_samples'):
+    config_lib.check_positive(t[name], f'train.{name}')
+  config_lib.check_positive(t.sample_every, 'train.sample_every', allow_zero=True)
+  config_lib.check_positive(t.ema_kimg, 'train.ema_kimg', allow_zero=True)
+  config_lib.check_positive(t.ema_rampup, 'train.ema_rampup', allow_zero=True)
+  if t.batch_size % m.mbstd_group_size:
+    raise ValueError(f'train.batch_size={t.batch_size} must be a multiple of '
+                     f'model.mbstd_group_size={m.mbstd_group_size}.')
+  if l.pl_weight > 0 and t.batch_size // l.pl_batch_shrink < 1:
+    raise ValueError(f'loss.pl_batch_shrink={l.pl_batch_shrink} leaves no path-length '
+                     f'batch from train.batch_size={t.batch_size}.')
+  config_lib.check_range(s.psi, -1.0, 2.0, 'sample.psi')
+  config_lib.check_positive(s.truncation_cutoff, 'sample.truncation_cutoff', allow_zero=True)
+  config_lib.check_choice(s.noise_mode, NOISE_MODES, 'sample.noise_mode')
+  config_lib.check_positive(s.batch_size, 'sample.batch_size')
+  config_lib.check_positive(s.num_images, 'sample.num_images')

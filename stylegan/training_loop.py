@@ -1,0 +1,435 @@
+"""StyleGAN2 training: phases, lazy regularisation, EMA, ADA; the shared plumbing for the rest.
+
+One training step (one "batch" in stylegan2-ada-pytorch) runs the phases
+  Gmain -> Greg (every g_reg_interval) -> Dmain -> Dreg (every d_reg_interval)
+and then the G_ema update. Each phase is its own jitted function on the whole
+TrainState; the regularisation phases are separate Adam steps with the loss
+weighted by the interval, and, as in the reference, both networks' Adam uses
+lr * c and betas ** c, c = interval / (interval + 1), to make up for the extra
+steps. Every random draw comes from fold_in(rng, step), and the data batch
+from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+
+Batches are sharded over the mesh's data axis (common.mesh), the state is
+replicated; checkpoints, logs and image writing come from common/.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from common import checkpoint as checkpoint_lib
+from common import data as data_lib
+from common import imageio
+from common import logs
+from common import mesh as mesh_lib
+from common import optim as optim_lib
+from stylegan import augment as augment_lib
+from stylegan import config as config_lib
+from stylegan import loss as loss_lib
+from stylegan import networks
+
+
+# RngBitGenerator-based keys: random bits compile far faster on CPU than
+# threefry's unrolled hash (splits and fold_ins still use threefry). The state
+# stores the raw key data (uint32) so Orbax can save it.
+RNG_IMPL = 'rbg'
+
+
+def _key(seed: int) -> jax.Array:
+  return jax.random.key(seed, impl=RNG_IMPL)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array          # Completed training steps.
+  g_params: Any
+  d_params: Any
+  g_ema_params: Any        # Exponential moving average of G: what sampling uses.
+  w_avg: jax.Array         # Moving average of w (truncation centre), [w_dim].
+  pl_mean: jax.Array       # Running mean of path lengths.
+  g_opt_state: Any
+  d_opt_state: Any
+  rng: jax.Array           # Base key data (uint32); step keys are fold_in(rng, step).
+  ada_p: jax.Array         # Augmentation probability.
+  ada_acc: jax.Array       # Sum of E[sign(D(reals))] since the last p update.
+
+
+def build_models(config: ml_collections.ConfigDict):
+  m = config.model
+  g = networks.Generator(
+      resolution=m.resolution, z_dim=m.z_dim, w_dim=m.w_dim,
+      mapping_layers=m.mapping_layers, mapping_lr_multiplier=m.mapping_lr_multiplier,
+      channel_base=m.channel_base, channel_max=m.channel_max)
+  d = networks.Discriminator(
+      resolution=m.resolution, channel_base=m.channel_base, channel_max=m.channel_max,
+      mbstd_group_size=m.mbstd_group_size)
+  return g, d
+
+
+def make_optimizer(lr: float, config: ml_collections.ConfigDict,
+                   reg_interval: int | None) -> optax.GradientTransformation:
+  """Adam(0, 0.99, 1e-8); lazy regularisation rescales lr and betas by c = k/(k+1)."""
+  o = config.optim
+  c = reg_interval / (reg_interval + 1) if reg_interval else 1.0
+  return optax.adam(lr * c, b1=o.beta1 ** c, b2=o.beta2 ** c, eps=o.eps)
+
+
+def optimizers(config: ml_collections.ConfigDict):
+  l = config.loss
+  g_tx = make_optimizer(config.optim.g_lr, config,
+                        l.g_reg_interval if l.pl_weight > 0 else None)
+  d_tx = make_optimizer(config.optim.d_lr, config,
+                        l.d_reg_interval if l.r1_gamma > 0 else None)
+  return g_tx, d_tx
+
+
+def create_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+  g, d = build_models(config)
+  g_tx, d_tx = optimizers(config)
+  k_g, k_d, k_noise, rng = jax.random.split(key, 4)
+  z = jnp.zeros((1, config.model.z_dim))
+  g_params = g.init({'params': k_g, 'noise': k_noise}, z)['params']
+  img = jnp.zeros((1, config.model.resolution, config.model.resolution, 3))
+  d_params = d.init(k_d, img)['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), g_params=g_params, d_params=d_params,
+      g_ema_params=g_params, w_avg=jnp.zeros((config.model.w_dim,)),
+      pl_mean=jnp.zeros(()), g_opt_state=g_tx.init(g_params),
+      d_opt_state=d_tx.init(d_params), rng=jax.random.key_data(rng),
+      ada_p=jnp.asarray(config.augment.p, jnp.float32), ada_acc=jnp.zeros(()))
+
+
+def init_state(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TrainState:
+  """create_state from config.seed, jitted (eager init is slow) and replicated on the mesh."""
+  mesh = mesh or mesh_lib.make_mesh()
+  fn = jax.jit(lambda key: create_state(config, key), out_shardings=mesh_lib.replicated(mesh))
+  return fn(_key(config.seed))
+
+
+def ema_beta(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """Per-step EMA decay for a half-life of ema_kimg thousand images (with ramp-up)."""
+  t = config.train
+  batch = t.batch_size
+  ema_nimg = jnp.asarray(t.ema_kimg * 1000.0)
+  if t.ema_rampup:  # Images seen before this step, as in the reference (G_ema = G at step 0).
+    ema_nimg = jnp.minimum(ema_nimg, step * batch * t.ema_rampup)
+  return 0.5 ** (batch / jnp.maximum(ema_nimg, 1e-8))
+
+
+class Steps:
+  """The jitted phases for one config and mesh (cached: see `get_steps`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    self.config = config
+    self.G, self.D = build_models(config)
+    self.g_tx, self.d_tx = optimizers(config)
+    self.policy = augment_lib.parse_policy(config.augment.policy)
+    self.batch_size = config.train.batch_size
+    self._data = mesh_lib.data_sharding(mesh)
+    repl = mesh_lib.replicated(mesh)
+    jit = lambda f, **kw: jax.jit(f, out_shardings=repl, **kw)
+    self.g_main = jit(self._g_main)
+    self.g_reg = jit(self._g_reg)
+    self.d_main = jit(self._d_main)
+    self.d_reg = jit(self._d_reg)
+    self.finish = jit(self._finish)
+
+  # -- pieces ----------------------------------------------------------------
+
+  def _keys(self, state: TrainState, phase: int, n: int):
+    base = jax.random.wrap_key_data(state.rng, impl=RNG_IMPL)
+    return jax.random.split(jax.random.fold_in(jax.random.fold_in(base, state.step), phase), n)
+
+  def _latents(self, key, n):
+    # Generated inside jit: constrain to the data axis so each device runs G on its own rows.
+    z = jax.random.normal(key, (n, self.config.model.z_dim))
+    return jax.lax.with_sharding_constraint(z, self._data)
+
+  def _run_mapping(self, g_params, key, n):
+    """ws with style mixing, plus the unmixed ws (for the w_avg update)."""
+    k_z, k_z2, k_mix = jax.random.split(key, 3)
+    ws = self.G.apply({'params': g_params}, self._latents(k_z, n), method='mapping')
+    prob = self.config.loss.style_mixing_prob
+    if prob <= 0:
+      return ws, ws
+    ws2 = self.G.apply({'params': g_params}, self._latents(k_z2, n), method='mapping')
+    return loss_lib.style_mix(k_mix, ws, ws2, prob), ws
+
+  def _synthesis(self, g_params, ws, key):
+    return self.G.apply({'params': g_params}, ws, method='synthesis', rngs={'noise': key})
+
+  def _run_d(self, d_params, img, key, p):
+    if self.policy:
+      img = augment_lib.augment(key, img, self.policy, p)
+    return self.D.apply({'params': d_params}, img)
+
+  @staticmethod
+  def _to_float(reals):
+    return reals.astype(jnp.float32) / 127.5 - 1.0
+
+  # -- phases ----------------------------------------------------------------
+
+  def _g_main(self, state: TrainState):
+    k_map, k_noise, k_aug = self._keys(state, 0, 3)
+
+    def loss_fn(g_params):
+      ws, ws_unmixed = self._run_mapping(g_params, k_map, self.batch_size)
+      img = self._synthesis(g_params, ws, k_noise)
+      logits = self._run_d(state.d_params, img, k_aug, state.ada_p)
+      return loss_lib.g_nonsaturating_loss(logits), (ws_unmixed, logits)
+
+    (loss, (ws, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
+    updates, opt_state = self.g_tx.update(grads, state.g_opt_state, state.g_params)
+    w_avg = networks.update_w_avg(state.w_avg, jax.lax.stop_gradient(ws),
+                                  self.config.model.w_avg_beta)
+    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
+                          g_opt_state=opt_state, w_avg=w_avg)
+    return state, {'loss/G': loss, 'D/fake_logits_G': jnp.mean(logits)}
+
+  def _g_reg(self, state: TrainState):
+    l = self.config.loss
+    k_map, k_noise, k_pl = self._keys(state, 1, 3)
+    n = self.batch_size // l.pl_batch_shrink
+
+    def loss_fn(g_params):
+      ws, _ = self._run_mapping(g_params, k_map, n)
+      lengths = loss_lib.path_lengths(lambda w: self._synthesis(g_params, w, k_noise), ws, k_pl)
+      penalty, pl_mean = loss_lib.path_length_penalty(lengths, state.pl_mean, l.pl_decay)
+      return penalty * l.pl_weight * l.g_reg_interval, (penalty, pl_mean)
+
+    (_, (penalty, pl_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
+    updates, opt_state = self.g_tx.update(grads, state.g_opt_state, state.g_params)
+    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
+                          g_opt_state=opt_state, pl_mean=pl_mean)
+    return state, {'loss/pl_penalty': penalty, 'pl_mean': pl_mean}
+
+  def _d_main(self, state: TrainState, reals):
+    a = self.config.augment
+    k_map, k_noise, k_aug = self._keys(state, 2, 3)
+    ws, _ = self._run_mapping(state.g_params, k_map, self.batch_size)
+    fakes = jax.lax.stop_gradient(self._synthesis(state.g_params, ws, k_noise))
+    # One D pass over [fakes; reals]: half the graph to compile. Minibatch-stddev
+    # groups are consecutive samples, so no group mixes fakes and reals.
+    both = jnp.concatenate([fakes, self._to_float(reals)])
+
+    def loss_fn(d_params):
+      fake_logits, real_logits = jnp.split(self._run_d(d_params, both, k_aug, state.ada_p), 2)
+      loss_fake, loss_real = loss_lib.d_logistic_loss(real_logits, fake_logits)
+      return loss_fake + loss_real, (loss_fake, loss_real, real_logits, fake_logits)
+
+    (loss, (loss_fake, loss_real, real_logits, fake_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.d_params)
+    updates, opt_state = self.d_tx.update(grads, state.d_opt_state, state.d_params)
+    rt = jnp.mean(jnp.sign(real_logits))
+    ada_p, ada_acc = state.ada_p, state.ada_acc
+    if self.policy and a.ada_target > 0:  # ADA: adjust p every ada_interval steps.
+      ada_acc = ada_acc + rt
+      update = (state.step + 1) % a.ada_interval == 0
+      new_p = augment_lib.ada_adjust(ada_p, ada_acc / a.ada_interval, a.ada_target,
+                                     self.batch_size, a.ada_interval, a.ada_kimg)
+      ada_p = jnp.where(update, new_p, ada_p)
+      ada_acc = jnp.where(update, 0.0, ada_acc)
+    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                          d_opt_state=opt_state, ada_p=ada_p, ada_acc=ada_acc)
+    return state, {
+        'loss/D': loss, 'loss/D_fake': loss_fake, 'loss/D_real': loss_real,
+        'D/real_logits': jnp.mean(real_logits), 'D/fake_logits': jnp.mean(fake_logits),
+        'augment/rt': rt, 'augment/p': state.ada_p}
+
+  def _d_reg(self, state: TrainState, reals):
+    l = self.config.loss
+    (k_aug,) = self._keys(state, 3, 1)
+    reals = self._to_float(reals)
+
+    def loss_fn(d_params):
+      # Gradient w.r.t. the images before augmentation, as in the reference.
+      r1, _ = loss_lib.r1_penalty(lambda x: self._run_d(d_params, x, k_aug, state.ada_p), reals)
+      penalty = jnp.mean(r1)
+      return penalty * (l.r1_gamma / 2) * l.d_reg_interval, penalty
+
+    (_, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
+    updates, opt_state = self.d_tx.update(grads, state.d_opt_state, state.d_params)
+    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
+                          d_opt_state=opt_state)
+    return state, {'loss/r1_penalty': penalty}
+
+  def _finish(self, state: TrainState):
+    beta = ema_beta(state.step, self.config)
+    ema = optim_lib.ema_update(state.g_ema_params, state.g_params, beta)
+    return state.replace(g_ema_params=ema, step=state.step + 1)
+
+  # -- one whole step --------------------------------------------------------
+
+  def train_step(self, state: TrainState, reals, step: int):
+    """All phases of step `step` (== state.step); returns (state, metrics)."""
+    l = self.config.loss
+    metrics = {}
+    state, m = self.g_main(state)
+    metrics.update(m)
+    if l.pl_weight > 0 and step % l.g_reg_interval == 0:
+      state, m = self.g_reg(state)
+      metrics.update(m)
+    state, m = self.d_main(state, reals)
+    metrics.update(m)
+    if l.r1_gamma > 0 and step % l.d_reg_interval == 0:
+      state, m = self.d_reg(state, reals)
+      metrics.update(m)
+    return self.finish(state), metrics
+
+
+def _compute_key(config: ml_collections.ConfigDict) -> str:
+  """The config parts the compiled steps depend on (not data, logging or step counts)."""
+  t = config.train
+  return json.dumps({
+      'model': config.model.to_dict(), 'loss': config.loss.to_dict(),
+      'optim': config.optim.to_dict(), 'augment': config.augment.to_dict(),
+      'train': {'batch_size': t.batch_size, 'ema_kimg': t.ema_kimg,
+                   'ema_rampup': t.ema_rampup}}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_steps(key: str, mesh: Mesh) -> Steps:
+  c = ml_collections.ConfigDict(json.loads(key))
+  return Steps(c, mesh)
+
+
+def get_steps(config: ml_collections.ConfigDict, mesh: Mesh) -> Steps:
+  """Steps for (config, mesh), reused across calls so a resume in-process skips compiling."""
+  return _cached_steps(_compute_key(config), mesh)
+
+
+def generate(g_params, w_avg, config: ml_collections.ConfigDict, z: np.ndarray,
+             psi: float = 1.0, cutoff: int = 0, noise_mode: str = 'const',
+             noise_seed: int = 0, batch_size: int = 64) -> np.ndarray:
+  """z [N, z_dim] -> uint8 images [N, R, R, 3] with truncation (psi, cutoff)."""
+  fn = _generate_fn(json.dumps(config.model.to_dict(), sort_keys=True), noise_mode, cutoff or None)
+  out = []
+  for i in range(0, len(z), batch_size):
+    key = jax.random.fold_in(_key(noise_seed), i)
+    img = fn(g_params, w_avg, jnp.asarray(z[i:i + batch_size]), jnp.float32(psi), key)
+    out.append(imageio.to_uint8(mesh_lib.gather(img)))
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _generate_fn(model_json: str, noise_mode: str, cutoff: int | None):
+  g, _ = build_models(ml_collections.ConfigDict({'model': json.loads(model_json)}))
+
+  @jax.jit
+  def fn(g_params, w_avg, z, psi, key):
+    return g.apply({'params': g_params}, z, w_avg, psi, cutoff, noise_mode, rngs={'noise': key})
+  return fn
+
+
+def fixed_latents(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+  """The same z for every grid of a run (and of a resumed run)."""
+  rng = np.random.default_rng([config.seed, 2024])
+  return rng.standard_normal((n, config.model.z_dim)).astype(np.float32)
+
+
+def _log_grid(writer, workdir: Path, step: int, state: TrainState, config, z) -> None:
+  images = generate(state.g_ema_params, state.w_avg, config, z,
+                    batch_size=config.sample.batch_size)
+  grid = imageio.make_grid(images)
+  logs.write_image_grid(writer, step, 'samples/G_ema', grid)
+  if jax.process_index() == 0:
+    imageio.save_image(grid, workdir / 'samples' / f'grid_{step:07d}.png')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+  """Trains (resuming from workdir's last checkpoint) until train.num_steps."""
+  config_lib.validate(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(t.batch_size, mesh, 'train.batch_size')
+
+  images = data_lib.load_dataset(config.data)
+  if images.shape[1:3] != (config.model.resolution,) * 2:
+    raise ValueError(f'Data images are {images.shape[1:3]} but model.resolution='
+                     f'{config.model.resolution}.')
+
+  state = init_state(config, mesh)
+  ckpt = checkpoint_lib.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
+                                     t.async_checkpoint)
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = restored
+  start = int(state.step)
+  if start:
+    logging.info('Resuming StyleGAN training at step %d.', start)
+
+  writer = logs.make_writer(workdir)
+  if start == 0:
+    logs.log_parameter_overview(state.g_params, 'G')
+    logs.log_parameter_overview(state.d_params, 'D')
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  steps = get_steps(config, mesh)
+  batches = data_lib.BatchIterator(images, t.batch_size, config.seed, step=start)
+  grid_z = fixed_latents(config, t.num_grid_samples)
+  progress = logs.Progress(t.num_steps, writer, start_step=start, items_per_step=t.batch_size)
+  sums: dict[str, Any] = {}
+  counts: dict[str, int] = {}
+
+  with checkpoint_lib.PreemptionGuard() as guard:
+    for step in range(start, t.num_steps):
+      reals = mesh_lib.shard_batch(next(batches), mesh)
+      state, metrics = steps.train_step(state, reals, step)
+      for k, v in metrics.items():  # Device scalars: no host sync until logging.
+        sums[k] = sums.get(k, 0.0) + v
+        counts[k] = counts.get(k, 0) + 1
+      done = step + 1
+      last = done == t.num_steps
+      stop = guard.should_stop(done)
+      if done % t.log_every == 0 or done % t.checkpoint_every == 0 or last or stop:
+        scalars = {k: float(sums[k]) / counts[k] for k in sums}
+        scalars['augment/p'] = float(state.ada_p)
+        scalars['kimg'] = done * t.batch_size / 1000.0
+        logs.check_finite(done, scalars)  # Before saving: never checkpoint a NaN state.
+        progress.update(done, scalars)
+        sums, counts = {}, {}
+      if t.sample_every and (done % t.sample_every == 0 or last or done == 1):
+        _log_grid(writer, workdir, done, state, config, grid_z)
+        progress.reset_timer(done)
+      ckpt.save(done, state, force=last or stop)
+      if stop:
+        logging.warning('Stopped at step %d on request; resume by running again.', done)
+        break
+  ckpt.close()
+  writer.flush()
+  return state
+
+
+def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+  """The latest checkpoint's state (G_ema and w_avg are what sampling needs)."""
+  config_lib.validate(config)
+  abstract = jax.eval_shape(lambda: create_state(config, _key(0)))  # Restored replicated.
+  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  state = ckpt.restore(abstract)
+  ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f'No checkpoint in {Path(workdir) / "checkpoints"}; train first.')
+  return state
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
