@@ -2,9 +2,9 @@
 
   python benchmarks/bench_ddpm.py [--batch 16] [--repeats 5] [--write]
 
-(a) train step (forward, backward, Adam) of the `cifar10` U-Net (35.7M
-    parameters) against diffusers' UNet2DModel built with the same
-    architecture, float32, batch 16 at 32x32;
+(a) train step (forward, backward, clipping, Adam; ours also updates the EMA)
+    of the `cifar10` U-Net (35.7M parameters) against diffusers' UNet2DModel
+    built with the same architecture, float32, batch 16 at 32x32;
 (b) DDIM-50 sampling throughput against diffusers' DDIMPipeline, same model;
 (c) our DDIM-S against our DDPM-1000 wall time (the demo U-Net, so that 1000
     steps finish in reasonable time on a CPU).
@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.torch_compat import patch_torchvision  # pylint: disable=wrong-import-position
@@ -32,7 +31,8 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # pylint: disable=wrong-import-position
 
-from ddpm import convert, diffusion, samplers, schedules, train  # pylint: disable=wrong-import-position
+from common import mesh as mesh_lib  # pylint: disable=wrong-import-position
+from ddpm import convert, samplers, schedules, train  # pylint: disable=wrong-import-position
 from ddpm.configs import cifar10, demo  # pylint: disable=wrong-import-position
 
 
@@ -46,64 +46,68 @@ def timed(fn, repeats):
   return float(np.median(times))
 
 
-def bench_train_step(batch, repeats):
+def bench_train_step(batch, repeats, devices):
+  """Our trainer's own jitted step (EMA, clipping included) on a mesh of `devices`."""
   config = cifar10.get_config()
   config.model.dropout = 0.0  # Same work on both sides.
-  model = train.build_model(config)
-  schedule = schedules.make_schedule('linear', 1000)
-  tx = optax.adam(2e-4)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))['params']
-  opt_state = tx.init(params)
-  x0 = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
-
-  @jax.jit
-  def step(params, opt_state, rng):
-    def loss_fn(p):
-      return diffusion.diffusion_loss(schedule, lambda x, t: model.apply({'params': p}, x, t),
-                                      x0, rng)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  state = [params, opt_state]
+  config.augment.enabled = False
+  config.train.batch_size = batch
+  mesh = mesh_lib.make_mesh(devices)
+  model, schedule = train.build_model(config), train.build_schedule(config)
+  tx = train.make_optimizer(config)
+  state = train.create_train_state(config, model, tx, mesh)
+  step_fn = train.make_train_step(config, model, schedule, tx, mesh)
+  images = np.random.RandomState(0).randint(0, 256, (batch, 32, 32, 3), np.uint8)
+  box = [state]
 
   def ours():
-    state[0], state[1], loss = step(state[0], state[1], jax.random.PRNGKey(2))
-    loss.block_until_ready()
+    box[0], metrics = step_fn(box[0], mesh_lib.shard_batch(images, mesh))
+    metrics['loss'].block_until_ready()
 
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return timed(ours, repeats), n_params, model
+
+
+def bench_torch_train_step(model, batch, repeats):
   torch_model = UNet2DModel(**convert.diffusers_config(model)).train()
+  torch_model = torch_model.to(memory_format=torch.channels_last)
   opt = torch.optim.Adam(torch_model.parameters(), lr=2e-4)
   ref_sched = DDIMScheduler(num_train_timesteps=1000)
-  xt0 = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-  torch_model = torch_model.to(memory_format=torch.channels_last)
+  x0 = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
   def theirs():
     t = torch.randint(0, 1000, (batch,))
-    noise = torch.randn_like(xt0)
-    xt = ref_sched.add_noise(xt0, noise, t)
-    loss = torch.nn.functional.mse_loss(torch_model(xt, t).sample, noise)
+    noise = torch.randn_like(x0)
+    loss = torch.nn.functional.mse_loss(torch_model(ref_sched.add_noise(x0, noise, t), t).sample,
+                                        noise)
     opt.zero_grad()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
     opt.step()
 
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  return timed(ours, repeats), timed(theirs, repeats), n_params
+  return timed(theirs, repeats)
 
 
-def bench_ddim(batch, repeats):
+def bench_ddim(batch, repeats, devices):
   config = cifar10.get_config()
   model = train.build_model(config)
   schedule = schedules.make_schedule('linear', 1000)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))['params']
+  mesh = mesh_lib.make_mesh(devices)
+  params = mesh_lib.replicate(
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))['params'], mesh)
   config.sample.num_steps = 50
   sample_fn = train.make_sample_fn(config, model, schedule)
-  x_T = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  x_T = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)),
+                       mesh_lib.data_sharding(mesh))
   ours = lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready()
+  return timed(ours, repeats), model
+
+
+def bench_torch_ddim(model, batch, repeats):
   unet = UNet2DModel(**convert.diffusers_config(model)).eval()
   pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
   pipe.set_progress_bar_config(disable=True)
-  theirs = lambda: pipe(batch_size=batch, num_inference_steps=50, output_type='np')
-  return timed(ours, repeats), timed(theirs, max(1, repeats // 2))
+  return timed(lambda: pipe(batch_size=batch, num_inference_steps=50, output_type='np'), repeats)
 
 
 def bench_ddim_vs_ddpm(batch):
@@ -126,8 +130,11 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--cpu-devices', type=int, default=os.cpu_count(),
+                      help='CPU devices for the data-parallel runs (jax_num_cpu_devices).')
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args()
+  jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # Before the backend starts.
   torch.set_num_threads(os.cpu_count())
   device = jax.devices()[0]
   machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
@@ -135,12 +142,21 @@ def main():
              f'({torch.get_num_threads()} threads), jax {jax.__version__}')
   print(machine)
 
-  ours_train, theirs_train, n_params = bench_train_step(args.batch, args.repeats)
-  print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {ours_train:.3f} s, '
-        f'diffusers {theirs_train:.3f} s, ratio {theirs_train / ours_train:.2f}x')
-  ours_ddim, theirs_ddim = bench_ddim(args.batch, args.repeats)
-  print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ours_ddim:.2f} img/s, diffusers '
-        f'{args.batch / theirs_ddim:.2f} img/s, ratio {theirs_ddim / ours_ddim:.2f}x')
+  one, all_devices = jax.devices()[:1], jax.devices()
+  n_dev = len(all_devices)
+  train_1, n_params, model = bench_train_step(args.batch, args.repeats, one)
+  train_n = bench_train_step(args.batch, args.repeats, all_devices)[0] if n_dev > 1 else train_1
+  theirs_train = bench_torch_train_step(model, args.batch, args.repeats)
+  print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
+        f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
+        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x')
+  ddim_1, model = bench_ddim(args.batch, args.repeats, one)
+  ddim_n = bench_ddim(args.batch, args.repeats, all_devices)[0] if n_dev > 1 else ddim_1
+  theirs_ddim = bench_torch_ddim(model, args.batch, max(1, args.repeats // 2))
+  print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
+        f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
+        f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
+        f'{theirs_ddim / ddim_n:.2f}x')
   steps = bench_ddim_vs_ddpm(64)
   print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
         f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
@@ -149,15 +165,21 @@ def main():
     section = (
         '## ddpm\n\n'
         f'Machine: {machine}. Command: `python benchmarks/bench_ddpm.py --batch {args.batch} '
-        f'--repeats {args.repeats} --write`. Ratio > 1 means ours is faster.\n\n'
-        '| what | ours | diffusers (PyTorch) | ratio |\n|---|---|---|---|\n'
+        f'--repeats {args.repeats} --cpu-devices {args.cpu_devices} --write`. Ratio = diffusers '
+        'time / our time (> 1: ours is faster). "N devices" is our data-parallel mesh over N CPU '
+        'devices, what `--config.cpu_devices=N` gives a training run; torch uses all cores through '
+        'its threads.\n\n'
+        '| what | ours, 1 device | ours, all devices | diffusers (PyTorch) | ratio 1 / all |\n'
+        '|---|---|---|---|---|\n'
         f'| (a) train step, cifar10 U-Net {n_params / 1e6:.1f}M, batch {args.batch}, f32 | '
-        f'{ours_train:.3f} s | {theirs_train:.3f} s | {theirs_train / ours_train:.2f}x |\n'
-        f'| (b) DDIM-50 sampling, batch {args.batch} | {args.batch / ours_ddim:.2f} img/s | '
-        f'{args.batch / theirs_ddim:.2f} img/s | {theirs_ddim / ours_ddim:.2f}x |\n'
-        f'| (c) ours: DDPM-1000 vs DDIM-50 wall time (demo U-Net, batch 64) | '
-        f'DDIM-50 {steps["ddim50"]:.2f} s | DDPM-1000 {steps["ddpm1000"]:.2f} s | '
-        f'{steps["ddpm1000"] / steps["ddim50"]:.1f}x |\n')
+        f'{train_1:.3f} s | {train_n:.3f} s ({n_dev}) | {theirs_train:.3f} s | '
+        f'{theirs_train / train_1:.2f}x / {theirs_train / train_n:.2f}x |\n'
+        f'| (b) DDIM-50 sampling, batch {args.batch} | {args.batch / ddim_1:.2f} img/s | '
+        f'{args.batch / ddim_n:.2f} img/s | {args.batch / theirs_ddim:.2f} img/s | '
+        f'{theirs_ddim / ddim_1:.2f}x / {theirs_ddim / ddim_n:.2f}x |\n'
+        f'| (c) ours: DDPM-1000 vs DDIM-50 wall time (demo U-Net, batch 64, 1 device) | '
+        f'DDIM-50 {steps["ddim50"]:.2f} s | DDPM-1000 {steps["ddpm1000"]:.2f} s | | '
+        f'{steps["ddpm1000"] / steps["ddim50"]:.1f}x faster |\n')
     write_section(Path(__file__).with_name('RESULTS.md'), 'ddpm', section)
 
 

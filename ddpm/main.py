@@ -6,35 +6,9 @@ and the progressive figure from DIR's last checkpoint. Any config value can be
 overridden, e.g. --config.sample.sampler=ddpm or --config.train.num_steps=500.
 """
 
-from absl import app, flags, logging
-import jax
-from ml_collections import config_flags
-
-from common import logs, mesh
+from common import launch
 from ddpm import sample, train
 from ddpm.configs import default
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'What to do.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  default.validate(FLAGS.config)  # Before any device, data or compilation.
-  logs.quiet_library_logs()
-  mesh.initialize_distributed()
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    sample.generate(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  launch.run(default.validate, {'train': train.train_and_evaluate, 'sample': sample.generate})

@@ -1,7 +1,7 @@
 """Built-in demo: a small U-Net on scikit-learn's handwritten digits at 16x16, CPU in minutes.
 
 No download: the digits ship inside scikit-learn. Recognisable digits come out
-after about 2,000 steps (a few minutes on 2 CPU cores).
+after about 1,500 steps (about 7 minutes on 2 CPU cores).
 """
 
 from ddpm.configs import default
@@ -9,6 +9,7 @@ from ddpm.configs import default
 
 def get_config():
   config = default.get_config()
+  config.cpu_devices = 2  # Both cores of a small CPU machine (no effect on a GPU).
   config.data.source = 'digits'
   config.data.image_size = 16
 
@@ -23,12 +24,13 @@ def get_config():
 
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
+  config.optim.lr_schedule = 'cosine'
 
   config.train.batch_size = 64
-  config.train.num_steps = 2000
+  config.train.num_steps = 1500
   config.train.log_every = 100
   config.train.checkpoint_every = 500
-  config.train.sample_every = 1000
+  config.train.sample_every = 500
   config.train.num_grid_samples = 36
   config.train.ema_decay = 0.995
 
