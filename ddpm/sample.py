@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import matplotlib
-import numpy as np
 import tqdm
 
 matplotlib.use('Agg')

@@ -158,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t = config.train
   batches = data.BatchIterator(images, t.batch_size, seed=config.seed, step=start)
   progress = logs.Progress(t.num_steps, writer, start, items_per_step=t.batch_size)
+  learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
   pending: list[dict] = []  # Device metrics since the last check, fetched lazily.
 
   def check_pending(step) -> dict:
@@ -188,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         step += 1
         if step % t.log_every == 0 or step == t.num_steps:
           scalars = check_pending(step)
-          scalars['learning_rate'] = float(optim.learning_rate_schedule(config.optim, t.num_steps)(step))
+          scalars['learning_rate'] = float(learning_rate(step))
           progress.update(step, scalars)
         stopping = guard.should_stop(step)
         if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:

@@ -261,23 +261,17 @@ def test_folder_of_corrupt_files(tmp_path):
     train.train_and_evaluate(tiny_config(folder), str(tmp_path / 'run'))
 
 
-def test_cli_rejects_unknown_key_before_compute(tmp_path):
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.num_stepz=5', 'num_stepz'),               # Unknown key.
+    ('--config.sample.sampler=euler', "sample.sampler='euler'"),  # Bad value.
+])
+def test_cli_rejects_bad_config_before_compute(tmp_path, override, message):
   out = subprocess.run(
       [sys.executable, '-m', 'ddpm.main', '--config=ddpm/configs/demo.py',
-       f'--workdir={tmp_path}', '--config.train.num_stepz=5'],
+       f'--workdir={tmp_path}', override],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
-  assert 'num_stepz' in out.stderr
-  assert not (tmp_path / 'checkpoints').exists()
-
-
-def test_cli_rejects_bad_value_before_compute(tmp_path):
-  out = subprocess.run(
-      [sys.executable, '-m', 'ddpm.main', '--config=ddpm/configs/demo.py',
-       f'--workdir={tmp_path}', '--config.sample.sampler=euler'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0
-  assert "sample.sampler='euler'" in out.stderr
+  assert message in out.stderr
   assert not (tmp_path / 'checkpoints').exists()
 
 
