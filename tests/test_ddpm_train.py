@@ -51,6 +51,16 @@ def tiny_config(data_path=None):
   return config
 
 
+def write_tiny_config_file(folder, *overrides: str) -> Path:
+  """A config file for `python -m ddpm.main`: tiny_config() plus `c.KEY = VALUE` lines."""
+  path = folder / 'tiny.py'
+  body = ''.join(f'  {line}\n' for line in overrides)
+  path.write_text(f'import sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
+                  'from test_ddpm_train import tiny_config\n'
+                  f'def get_config():\n  c = tiny_config()\n{body}  return c\n')
+  return path
+
+
 def params_of(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
@@ -142,15 +152,8 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
   full = train.train_and_evaluate(config, str(tmp_path / 'full'))
 
   # The same run in a subprocess, SIGTERM'd after its first checkpoint, then restarted.
-  config_file = tmp_path / 'tiny.py'
-  config_file.write_text(
-      f'import sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
-      'from test_ddpm_train import tiny_config\n'
-      'def get_config():\n'
-      '  c = tiny_config()\n'
-      "  c.optim.lr_schedule = 'constant'\n"
-      '  c.train.num_steps = 60\n'
-      '  return c\n')
+  config_file = write_tiny_config_file(tmp_path, "c.optim.lr_schedule = 'constant'",
+                                       'c.train.num_steps = 60')
   proc = subprocess.Popen(
       [sys.executable, '-m', 'ddpm.main', f'--config={config_file}',
        f'--workdir={tmp_path / "split"}'],
@@ -292,15 +295,8 @@ def test_shipped_configs_validate_and_have_expected_size(name):
 def test_two_process_run_matches_one_process(tmp_path):
   """A cluster job in miniature: 2 processes x 2 CPU devices (gloo) against 1 x 4 devices."""
   import socket  # pylint: disable=g-import-not-at-top
-  config_file = tmp_path / 'tiny.py'
-  config_file.write_text(
-      f'import sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
-      'from test_ddpm_train import tiny_config\n'
-      'def get_config():\n'
-      '  c = tiny_config()\n'
-      '  c.train.num_steps = 6\n'
-      '  c.train.checkpoint_every = 3\n'
-      '  return c\n')
+  config_file = write_tiny_config_file(tmp_path, 'c.train.num_steps = 6',
+                                       'c.train.checkpoint_every = 3')
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
