@@ -95,6 +95,22 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_latest(workdir: str | Path, target: Any, how_to_train: str) -> Any:
+  """The latest checkpoint of another run's workdir, read-only (sampling, stage 2).
+
+  Raises FileNotFoundError naming the workdir and `how_to_train` when there is none.
+  """
+  ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / 'checkpoints').is_dir() else None
+  try:
+    state = ckpt.restore(target) if ckpt else None
+  finally:
+    if ckpt:
+      ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f'No checkpoint in {Path(workdir) / "checkpoints"}: {how_to_train}')
+  return state
+
+
 def _abstract(x, default_sharding):
   if isinstance(x, jax.Array):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

@@ -16,6 +16,7 @@ The batch for step ``s`` depends only on (seed, s), so a run resumed at step
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -40,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.tfds_name = ''
   c.tfds_split = 'train'
   c.tfds_data_dir = ''
+  c.captions = ''          # Captioned sets: a TSV (file<TAB>caption); '' = captions.tsv in
+                           # the image folder or its parent.
   return c
 
 
@@ -110,16 +113,79 @@ def load_dataset(c: ml_collections.ConfigDict) -> np.ndarray:
   return images
 
 
+DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+  """A captions TSV (header `file<TAB>caption`) -> {file name: caption}."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'Captions file {path} does not exist.')
+  captions = {}
+  for n, line in enumerate(path.read_text(encoding='utf-8').splitlines()):
+    if not line.strip() or (n == 0 and line.lower().startswith('file\t')):
+      continue
+    name, sep, caption = line.partition('\t')
+    if not sep:
+      raise ValueError(f'{path}, line {n + 1}: expected "file<TAB>caption", got {line!r}.')
+    captions[name.strip()] = caption.strip()
+  if not captions:
+    raise ValueError(f'Captions file {path} holds no caption.')
+  return captions
+
+
+def captions_file(c: ml_collections.ConfigDict) -> Path:
+  if c.captions:
+    return Path(c.captions)
+  for candidate in (Path(c.path) / 'captions.tsv', Path(c.path).parent / 'captions.tsv'):
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(
+      f'No captions.tsv in {c.path} or its parent; set data.captions to the captions file.')
+
+
+def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, list[str]]:
+  """Images with their captions: a folder's captioned files, or the digits as "digit seven"."""
+  validate(c)
+  if c.source == 'digits':
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    labels = load_digits().target[:c.max_images or None]
+    return _load_digits(c.image_size)[:len(labels)], [f'digit {DIGIT_NAMES[i]}' for i in labels]
+  if c.source != 'folder':
+    raise ValueError(f"Captions need data.source='folder' (with a captions TSV) or 'digits', "
+                     f'not {c.source!r}.')
+  captions = read_captions(captions_file(c))
+  paths = [p for p in imageio.list_images(c.path) if p.name in captions]
+  if not paths:
+    raise ValueError(f'No image in {c.path} has a caption in {captions_file(c)}.')
+  paths = paths[:c.max_images or None]
+  images, kept = [], []
+  for path, img in imageio.iter_images(paths, c.image_size if c.resize else None,
+                                       center_crop=c.center_crop):
+    if img is not None:
+      images.append(img)
+      kept.append(captions[path.name])
+  if not images:
+    raise imageio.NoImagesError(f'None of the captioned images in {c.path} could be read.')
+  images = np.stack(images)
+  if images.shape[1:3] != (c.image_size, c.image_size):
+    raise ValueError(f'Images in {c.path} are {images.shape[1]}x{images.shape[2]} but the '
+                     f'config says data.image_size={c.image_size}; set data.resize=True.')
+  logging.info('Loaded %d captioned images from %s.', len(images), c.path)
+  return images, kept
+
+
 class BatchIterator:
   """Reshuffled epochs; the batch at step s is a pure function of (seed, s).
 
   Each process gets its own rows of the global batch, so on several hosts the
-  union over processes is the global batch.
+  union over processes is the global batch. `images` may be a pytree of arrays
+  with the same first dimension (images with their captions or labels).
   """
 
-  def __init__(self, images: np.ndarray, global_batch_size: int, seed: int,
-               step: int = 0):
+  def __init__(self, images, global_batch_size: int, seed: int, step: int = 0):
     self.images = images
+    self.num_examples = len(jax.tree.leaves(images)[0])
     self.global_batch_size = global_batch_size
     self.seed = seed
     self.step = step
@@ -134,12 +200,12 @@ class BatchIterator:
       if len(self._perm_cache) > 2:
         self._perm_cache.clear()
       rng = np.random.default_rng([self.seed, epoch])
-      self._perm_cache[epoch] = rng.permutation(len(self.images))
+      self._perm_cache[epoch] = rng.permutation(self.num_examples)
     return self._perm_cache[epoch]
 
   def indices(self, step: int) -> np.ndarray:
     """Dataset indices of this process's rows of the global batch at `step`."""
-    n = len(self.images)
+    n = self.num_examples
     start = step * self.global_batch_size + jax.process_index() * self.local_batch_size
     pos = start + np.arange(self.local_batch_size)
     epochs, offsets = np.divmod(pos, n)
@@ -148,7 +214,8 @@ class BatchIterator:
   def __iter__(self):
     return self
 
-  def __next__(self) -> np.ndarray:
-    batch = self.images[self.indices(self.step)]
+  def __next__(self):
+    idx = self.indices(self.step)
+    batch = jax.tree.map(lambda x: x[idx], self.images)
     self.step += 1
     return batch

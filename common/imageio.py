@@ -178,6 +178,29 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2,
   return grid
 
 
+def captioned_grid(images: np.ndarray, captions: Sequence[str], ncol: int,
+                   min_size: int = 64, line_height: int = 14) -> np.ndarray:
+  """One row of `ncol` images per caption, the caption written above its row.
+
+  Images smaller than `min_size` are enlarged (nearest neighbour) so the grid stays legible.
+  """
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  images = np.asarray(images)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  scale = max(1, min_size // images.shape[1])
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  rows = [make_grid(images[r * ncol:(r + 1) * ncol], ncol) for r in range(len(captions))]
+  width = max([r.shape[1] for r in rows] + [6 * len(c) + 6 for c in captions])
+  out = []
+  for row, caption in zip(rows, captions):
+    label = Image.new('RGB', (width, line_height), 'white')
+    ImageDraw.Draw(label).text((2, 1), caption, fill='black')
+    out += [np.asarray(label), np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)),
+                                      constant_values=255)]
+  return np.concatenate(out, axis=0)
+
+
 def save_image(image: np.ndarray, path: str | os.PathLike, quality: int = 95) -> None:
   """Writes one uint8 [H, W, 3] (or [H, W, 1]) image; format from the suffix."""
   image = np.asarray(image)

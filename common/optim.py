@@ -74,3 +74,10 @@ def ema_decay(step, decay: float, warmup: bool = True):
     return jnp.asarray(decay, jnp.float32)
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_step(step, ema_params, params, every: int, decay: float, warmup: bool = True):
+  """The EMA after optimiser step `step` (0-based): updated every `every` steps."""
+  new = ema_update(ema_params, params, ema_decay(step // every, decay, warmup))
+  do_ema = (step + 1) % every == 0
+  return jax.tree.map(lambda n, o: jnp.where(do_ema, n, o), new, ema_params)

@@ -50,8 +50,24 @@ def _conv(features, name, dtype, kernel=3, stride=1):
                  dtype=dtype, name=name)
 
 
+def dot_product_attention(q, k, v, mask=None):
+  """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]; `mask` [B, Lk] True = attend.
+
+  Logits and softmax in float32 even under bfloat16 compute (diffusers' upcast_softmax).
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
 class ResnetBlock(nn.Module):
-  """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + shortcut."""
+  """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + shortcut.
+
+  With temb=None (the autoencoder's blocks) there is no time_emb_proj.
+  """
   out_channels: int
   dropout: float = 0.0
   groups: int = 32
@@ -59,10 +75,12 @@ class ResnetBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, train: bool):
+  def __call__(self, x, temb, train: bool = False):
     norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
     h = _conv(self.out_channels, 'conv1', self.dtype)(nn.silu(norm('norm1')(x)))
-    h = h + nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))[:, None, None, :]
+    if temb is not None:
+      h = h + nn.Dense(self.out_channels, dtype=self.dtype,
+                       name='time_emb_proj')(nn.silu(temb))[:, None, None, :]
     h = nn.silu(norm('norm2')(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_channels, 'conv2', self.dtype)(h)
@@ -86,21 +104,22 @@ class AttentionBlock(nn.Module):
     y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
     y = y.reshape(b, h * w, c)
     proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, h * w, heads, head_dim)
-    q, k, v = proj('to_q'), proj('to_k'), proj('to_v')
-    # Logits and softmax in float32 even under bfloat16 compute (diffusers' upcast_softmax).
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(v.dtype)
-    y = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, h * w, c)
+    y = dot_product_attention(proj('to_q'), proj('to_k'), proj('to_v')).reshape(b, h * w, c)
     y = nn.Dense(c, dtype=self.dtype, name='to_out_0')(y)
     return x + y.reshape(b, h, w, c)
 
 
 class Downsample(nn.Module):
+  """Stride-2 3x3 conv. `asymmetric` pads right/bottom only, as diffusers' autoencoders do."""
   dtype: Dtype = jnp.float32
+  asymmetric: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return _conv(x.shape[-1], 'conv', self.dtype, stride=2)(x)
+    if not self.asymmetric:
+      return _conv(x.shape[-1], 'conv', self.dtype, stride=2)(x)
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.Conv(x.shape[-1], (3, 3), (2, 2), padding='VALID', dtype=self.dtype, name='conv')(x)
 
 
 class Upsample(nn.Module):
@@ -136,18 +155,30 @@ class UNet(nn.Module):
     return [self.sample_size // 2**i in self.attention_resolutions
             for i in range(len(self.block_out_channels))]
 
+  def attend(self, name: str, h, context, context_mask):
+    """The attention block after a resnet. Subclasses (latent.unet) put cross-attention here."""
+    del context, context_mask  # The unconditional model attends to itself only.
+    return AttentionBlock(self.head_dim, self.norm_groups, self.norm_eps, self.dtype, name=name)(h)
+
+  def embed_time(self, t, train: bool):
+    del train
+    chans = tuple(self.block_out_channels)
+    temb = timestep_embedding(t, chans[0]).astype(self.dtype)
+    return TimestepEmbedding(4 * chans[0], self.dtype, name='time_embedding')(temb)
+
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
+  def __call__(self, x, t, train: bool = False, context=None, context_mask=None):
+    """eps/x0/v prediction for x [B, H, W, C] at t [B]; `context` [B, L, D] (with
+    `context_mask` [B, L]) is the conditioning sequence of cross-attention subclasses."""
     if x.ndim != 4 or x.shape[1:] != (self.sample_size, self.sample_size, self.in_channels):
       raise ValueError(f'UNet expects [B, {self.sample_size}, {self.sample_size}, '
                        f'{self.in_channels}] inputs, got {x.shape}.')
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     chans = tuple(self.block_out_channels)
-    temb = timestep_embedding(t, chans[0]).astype(self.dtype)
-    temb = TimestepEmbedding(4 * chans[0], self.dtype, name='time_embedding')(temb)
+    temb = self.embed_time(t, train)
     kw = dict(groups=self.norm_groups, eps=self.norm_eps, dtype=self.dtype)
     resnet = lambda c, name: ResnetBlock(c, self.dropout, name=name, **kw)
-    attention = lambda name: AttentionBlock(self.head_dim, name=name, **kw)
+    attention = lambda name, h: self.attend(name, h, context, context_mask)
     attn_levels = self.attention_levels()
 
     h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
@@ -156,7 +187,7 @@ class UNet(nn.Module):
       for j in range(self.layers_per_block):
         h = resnet(c, f'down_blocks_{i}.resnets_{j}')(h, temb, train)
         if attn_levels[i]:
-          h = attention(f'down_blocks_{i}.attentions_{j}')(h)
+          h = attention(f'down_blocks_{i}.attentions_{j}', h)
         skips.append(h)
       if i < len(chans) - 1:
         h = Downsample(self.dtype, name=f'down_blocks_{i}.downsamplers_0')(h)
@@ -164,7 +195,7 @@ class UNet(nn.Module):
 
     h = resnet(chans[-1], 'mid_block.resnets_0')(h, temb, train)
     if self.mid_attention:
-      h = attention('mid_block.attentions_0')(h)
+      h = attention('mid_block.attentions_0', h)
     h = resnet(chans[-1], 'mid_block.resnets_1')(h, temb, train)
 
     for i, c in enumerate(reversed(chans)):
@@ -173,7 +204,7 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = resnet(c, f'up_blocks_{i}.resnets_{j}')(h, temb, train)
         if attn_levels[level]:
-          h = attention(f'up_blocks_{i}.attentions_{j}')(h)
+          h = attention(f'up_blocks_{i}.attentions_{j}', h)
       if level > 0:
         h = Upsample(self.dtype, name=f'up_blocks_{i}.upsamplers_0')(h)
 

@@ -22,15 +22,9 @@ from ddpm.configs import default as default_config
 def restore_params(config, workdir: str | Path, use_ema: bool = True):
   """Parameters (EMA by default) from the workdir's latest checkpoint."""
   model, tx = train.build_model(config), train.make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    state = ckpt.restore(jax.eval_shape(lambda: train.init_state(config, model, tx)))
-  finally:
-    ckpt.close()
-  if state is None:
-    raise FileNotFoundError(
-        f'No checkpoint in {Path(workdir) / "checkpoints"}: train first with --mode=train '
-        'and the same --workdir.')
+  state = checkpoint.restore_latest(
+      workdir, jax.eval_shape(lambda: train.init_state(config, model, tx)),
+      'train first with --mode=train and the same --workdir.')
   logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                int(state.step))
   return model, (state.ema_params if use_ema else state.params)

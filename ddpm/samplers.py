@@ -126,11 +126,16 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
            sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
            spacing: str = 'leading', prediction: str = 'eps', clip_x0: bool = True,
            ddpm_variance: str = 'fixed_small', num_snapshots: int = 0,
-           inject: Optional[Callable] = None):
+           inject: Optional[Callable] = None, init_x0: Optional[jnp.ndarray] = None,
+           strength: float = 1.0):
   """Runs a sampler from x_T to x_0; call inside jax.jit.
 
   Args:
     num_steps: S for ddim/dpm_solver; ddpm always uses all T steps.
+    init_x0, strength: SDEdit (image-to-image, Meng et al. 2022) as diffusers'
+      img2img: only the last round(strength * steps) steps run, starting from
+      init_x0 noised to the first of them with x_T as the noise. strength 0
+      returns init_x0 itself, 1 ignores it.
     num_snapshots: if > 0, also returns x_t at that many evenly spaced steps
       (the progressive-generation figure), shape [K, B, ...].
     inject: optional fn(x_t, t_next, rng) -> x_t applied after each step; latent
@@ -152,6 +157,15 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
   else:
     ts_next = np.append(ts[1:], -1).astype(np.int32)
   ts_prev_model = np.insert(ts[:-1], 0, ts[0]).astype(np.int32)  # For the 2M history.
+  if init_x0 is not None:
+    if not 0.0 <= strength <= 1.0:
+      raise ValueError(f'strength must be in [0, 1], got {strength}.')
+    first = len(ts) - min(int(round(len(ts) * strength)), len(ts))
+    if first == len(ts):
+      return (init_x0, init_x0[None], np.array([0])) if num_snapshots else init_x0
+    ts, ts_next, ts_prev_model = ts[first:], ts_next[first:], ts_prev_model[first:]
+    ts_prev_model[0] = ts[0]  # The 2M history starts afresh.
+    x_T = diffusion.q_sample(s, init_x0, jnp.full((x_T.shape[0],), ts[0], jnp.int32), x_T)
 
   def body(carry, inputs):
     x, x0_prev, key = carry
@@ -178,5 +192,5 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
   # Snapshot k shows x after step idx[k]; the first shows the starting noise.
   idx = np.unique(np.linspace(0, len(ts) - 1, num_snapshots - 1).round().astype(int))
   snapshots = jnp.concatenate([x_T[None], trajectory[idx]], axis=0)
-  snapshot_t = np.concatenate([[T], np.maximum(ts_next[idx], 0)])
+  snapshot_t = np.concatenate([[T if init_x0 is None else ts[0]], np.maximum(ts_next[idx], 0)])
   return x0, snapshots, snapshot_t

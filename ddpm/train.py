@@ -9,19 +9,16 @@ resumed from a checkpoint continues bit for bit like one that never stopped.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from common import augment, checkpoint, data, imageio, logs, mesh as mesh_lib, optim
+from common import augment, checkpoint, data, imageio, logs, loop, mesh as mesh_lib, optim
 from ddpm import diffusion, models, samplers, schedules
 from ddpm.configs import default as default_config
 
@@ -86,25 +83,23 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
+  return apply_gradients(state, grads, tx, config.train), metrics
+
+
+def apply_gradients(state: TrainState, grads, tx, t: ml_collections.ConfigDict) -> TrainState:
+  """The optimiser update, then the EMA (every t.ema_every steps), and step + 1."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-
-  t = config.train
-  decay = optim.ema_decay(state.step // t.ema_every, t.ema_decay, t.ema_warmup)
-  do_ema = (state.step + 1) % t.ema_every == 0
-  ema_params = jax.tree.map(lambda new, old: jnp.where(do_ema, new, old),
-                            optim.ema_update(state.ema_params, params, decay), state.ema_params)
-  metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
+  ema_params = optim.ema_step(state.step, state.ema_params, params, t.ema_every, t.ema_decay,
+                              t.ema_warmup)
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                       opt_state=opt_state), metrics
+                       opt_state=opt_state)
 
 
 def make_train_step(config, model, schedule, tx, mesh):
   step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx)
-  return jax.jit(step,
-                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)),
-                 out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
-                 donate_argnums=0)
+  return loop.jit_step(step, mesh)
 
 
 def make_sample_fn(config, model, schedule, num_snapshots: int = 0, **overrides):
@@ -130,10 +125,7 @@ def noise_like_batch(rng, n: int, config) -> jnp.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's last checkpoint) and returns the final state."""
   default_config.validate(config)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=list))
+  workdir = loop.prepare_workdir(config, workdir)
 
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
@@ -156,55 +148,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                 config.train.num_grid_samples, config)
 
   t = config.train
-  batches = data.BatchIterator(images, t.batch_size, seed=config.seed, step=start)
-  progress = logs.Progress(t.num_steps, writer, start, items_per_step=t.batch_size)
   learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
-  pending: list[dict] = []  # Device metrics since the last check, fetched lazily.
 
-  def check_pending(step) -> dict:
-    """Averages and NaN-checks the pending metrics (before every log and save)."""
-    if not pending:
-      return {}
-    fetched = jax.device_get(pending)
-    pending.clear()
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    worst = {k: float(np.max(np.abs([m[k] for m in fetched]))) for k in fetched[0]}
-    logs.check_finite(step, worst)
-    return mean
+  def write_grid(step, state):
+    x = grid_fn(state.ema_params, jax.random.PRNGKey(config.seed + 2), grid_noise)
+    grid = imageio.make_grid(imageio.to_uint8(mesh_lib.gather(x)))
+    logs.write_image_grid(writer, step, 'ema_samples', grid)
+    if jax.process_index() == 0:
+      imageio.save_image(grid, workdir / 'samples_during_training' / f'{step:08d}.png')
 
-  # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
-  batch_shape = jax.ShapeDtypeStruct((t.batch_size, *images.shape[1:]), images.dtype,
-                                     sharding=mesh_lib.data_sharding(mesh))
-  step_fn = step_fn.lower(state, batch_shape).compile()
-  mesh_lib.barrier('ddpm train step compiled')
-  progress.reset_timer(start)
-
-  step = start
   try:
-    with checkpoint.PreemptionGuard() as guard:
-      while step < t.num_steps:
-        batch = mesh_lib.shard_batch(next(batches), mesh)
-        state, metrics = step_fn(state, batch)
-        pending.append(metrics)
-        step += 1
-        if step % t.log_every == 0 or step == t.num_steps:
-          scalars = check_pending(step)
-          scalars['learning_rate'] = float(learning_rate(step))
-          progress.update(step, scalars)
-        stopping = guard.should_stop(step)
-        if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
-          check_pending(step)  # Never save a state whose loss went NaN.
-          ckpt.save(step, state, force=True)
-        if t.sample_every and (step % t.sample_every == 0 or step == t.num_steps):
-          x = grid_fn(state.ema_params, jax.random.PRNGKey(config.seed + 2), grid_noise)
-          grid = imageio.make_grid(imageio.to_uint8(mesh_lib.gather(x)))
-          logs.write_image_grid(writer, step, 'ema_samples', grid)
-          if jax.process_index() == 0:
-            imageio.save_image(grid, workdir / 'samples_during_training' / f'{step:08d}.png')
-          progress.reset_timer(step)
-        if stopping:
-          logging.warning('Stopped at step %d on request; rerun the same command to resume.', step)
-          break
+    state = loop.run(
+        state, step_fn, data.BatchIterator(images, t.batch_size, seed=config.seed, step=start),
+        mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
+        hooks=[loop.Hook(t.sample_every, write_grid)],
+        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))})
   finally:
     ckpt.close()
     writer.flush()

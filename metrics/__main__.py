@@ -1,8 +1,10 @@
-"""Command line: python -m metrics {fid,kid,afd,stats,hw6,convert-weights,download-weights}.
+"""Command line: python -m metrics {fid,kid,afd,attributes,stats,hw6,convert-weights,
+download-weights}.
 
   python -m metrics fid REAL FAKE            # folders or .npz statistics
   python -m metrics kid REAL FAKE
   python -m metrics afd FAKE --csv afd.csv
+  python -m metrics attributes FAKE          # hair colour vs FAKE/captions.tsv
   python -m metrics stats FOLDER OUT.npz     # reference statistics, once
   python -m metrics hw6 REAL FAKE            # FID and AFD in one line
   python -m metrics convert-weights pt_inception-2015-12-05-6726825d.pth OUT.npz
@@ -79,6 +81,28 @@ def _cmd_afd(args) -> None:
     print(f'Per-image results: {args.csv}')
 
 
+def _cmd_attributes(args) -> None:
+  from metrics import attributes  # pylint: disable=g-import-not-at-top
+  paths, captions = attributes.read_captions(args.folder, args.captions)
+  paths, captions = paths[:args.max_images], captions[:args.max_images]
+  kept, targets = attributes.captioned_targets(paths, captions)
+  if not kept:
+    raise ValueError(f'None of the {len(paths)} captions names a single hair colour '
+                     f'({", ".join(attributes.HAIR_COLOURS)}).')
+  r = attributes.attribute_accuracy(kept, targets, csv_path=args.csv, progress=not args.quiet)
+  print(f'Hair-colour accuracy: {r.accuracy:.4f} ({r.num_correct}/{r.num_detected} images with '
+        f'a face)')
+  print(f'Chance level: {r.chance:.4f} (always "{r.majority}"); balanced accuracy '
+        f'{r.balanced_accuracy:.4f}')
+  print(f'Detection rate: {r.detection_rate:.4f} ({r.num_detected}/{r.num_images} images; '
+        f'{len(paths) - len(kept)} of {len(paths)} captions name no single hair colour, skipped)')
+  confused = ', '.join(f'{t}->{d} ({n})' for t, d, n in r.most_confused(3))
+  if confused:
+    print(f'Most confused (caption->detected): {confused}')
+  if args.csv:
+    print(f'Per-image results: {args.csv}')
+
+
 def _cmd_stats(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from metrics import fid  # pylint: disable=g-import-not-at-top
@@ -146,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--max-images', type=int, default=None)
   _add_afd_args(p)
   p.set_defaults(func=_cmd_afd)
+
+  p = sub.add_parser('attributes', help='Hair-colour accuracy of a folder against its captions.')
+  p.add_argument('folder', help='Images, with captions.tsv (columns file, caption).')
+  p.add_argument('--captions', default=None, help='Captions TSV (default: FOLDER/captions.tsv).')
+  p.add_argument('--max-images', type=int, default=None, help='First N caption rows only.')
+  p.add_argument('--csv', default=None,
+                 help='Write per-image file, target, detected colour, hair RGB, likelihood.')
+  p.set_defaults(func=_cmd_attributes)
 
   p = sub.add_parser('stats', help="Save a folder's FID statistics (pytorch-fid .npz).")
   p.add_argument('folder')

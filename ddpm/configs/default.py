@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.cpu_devices = 0           # >1 splits a CPU-only machine into that many data-parallel
-                                   # devices (faster on several cores); 0 = JAX's default.
+                                   # devices, to try sharding without an accelerator; 0 = JAX's
+                                   # default. XLA's in-process CPU all-reduce can stall when the
+                                   # devices outnumber idle cores, so runs that matter keep 0.
 
   config.data = data.get_config()
   config.augment = augment.get_config()
@@ -74,22 +76,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data.validate(config.data)
   augment.validate(config.augment)
   optim.validate(config.optim)
-
   config_lib.check_positive(config.cpu_devices, 'cpu_devices', allow_zero=True)
-  m, d, t, s = config.model, config.diffusion, config.train, config.sample
-  size = config.data.image_size
+  validate_model(config.model, config.data.image_size)
+  validate_diffusion(config.diffusion)
+  validate_train(config.train)
+  validate_sample(config.sample, config.diffusion)
+  config_lib.check_positive(config.sample.num_images, 'sample.num_images')
+
+
+def validate_model(m: ml_collections.ConfigDict, size: int, size_name: str = 'data.image_size'):
+  """The U-Net keys for inputs of `size` (pixels here, latents in latent/)."""
   levels = len(m.block_out_channels)
   if levels < 1:
     raise ValueError('model.block_out_channels must list at least one level.')
   if size % 2**(levels - 1):
     raise ValueError(
-        f'data.image_size={size} must be divisible by 2^(levels-1)={2**(levels - 1)} for '
+        f'{size_name}={size} must be divisible by 2^(levels-1)={2**(levels - 1)} for '
         f'model.block_out_channels={tuple(m.block_out_channels)}.')
   resolutions = [size // 2**i for i in range(levels)]
   for r in m.attention_resolutions:
     if r not in resolutions:
       raise ValueError(f'model.attention_resolutions has {r}, not a feature-map size of this '
-                       f'model (data.image_size={size}): {resolutions}.')
+                       f'model ({size_name}={size}): {resolutions}.')
   for c in m.block_out_channels:
     if c % m.norm_groups:
       raise ValueError(f'model.norm_groups={m.norm_groups} must divide every channel count '
@@ -100,17 +108,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(m.dropout, 0.0, 1.0, 'model.dropout')
   config_lib.check_choice(m.dtype, DTYPES, 'model.dtype')
 
+
+def validate_diffusion(d: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(d.schedule, schedules.SCHEDULES, 'diffusion.schedule')
   config_lib.check_positive(d.num_timesteps, 'diffusion.num_timesteps')
   config_lib.check_choice(d.prediction, diffusion.PREDICTIONS, 'diffusion.prediction')
   config_lib.check_positive(d.min_snr_gamma, 'diffusion.min_snr_gamma', allow_zero=True)
 
+
+def validate_train(t: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
               'ema_every', 'num_grid_samples'):
     config_lib.check_positive(t[key], f'train.{key}')
   config_lib.check_positive(t.sample_every, 'train.sample_every', allow_zero=True)
   config_lib.check_range(t.ema_decay, 0.0, 1.0, 'train.ema_decay')
 
+
+def validate_sample(s: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(s.sampler, samplers.SAMPLERS, 'sample.sampler')
   config_lib.check_choice(s.spacing, samplers.SPACINGS, 'sample.spacing')
   config_lib.check_choice(s.ddpm_variance, ('fixed_small', 'fixed_large'), 'sample.ddpm_variance')
@@ -118,5 +132,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 1 <= s.num_steps <= d.num_timesteps:
     raise ValueError(f'sample.num_steps={s.num_steps} must be in [1, diffusion.num_timesteps='
                      f'{d.num_timesteps}].')
-  config_lib.check_positive(s.num_images, 'sample.num_images')
   config_lib.check_positive(s.batch_size, 'sample.batch_size')

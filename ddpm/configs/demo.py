@@ -9,7 +9,6 @@ from ddpm.configs import default
 
 def get_config():
   config = default.get_config()
-  config.cpu_devices = 2  # Both cores of a small CPU machine (no effect on a GPU).
   config.data.source = 'digits'
   config.data.image_size = 16
 

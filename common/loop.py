@@ -1,0 +1,111 @@
+"""The training loop every trainer shares (ddpm, latent's two stages).
+
+One compiled step function is applied to sharded batches; around it the loop
+logs averaged metrics with steps/s and ETA, stops on a non-finite metric
+without saving the bad state, checkpoints on schedule and on SIGTERM, and runs
+periodic hooks (sample grids, reconstructions) whose time is kept out of the
+steps/s figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from common import checkpoint, logs, mesh as mesh_lib
+
+
+def prepare_workdir(config, workdir: str | Path) -> Path:
+  """Creates the workdir and records the config there (read back by sampling and stage 2)."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=list))
+  return workdir
+
+
+def jit_step(step_fn: Callable, mesh, donate: bool = True):
+  """jit(step_fn(state, batch) -> (state, metrics)): state replicated, batch split over devices."""
+  return jax.jit(step_fn,
+                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)),
+                 out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
+                 donate_argnums=0 if donate else ())
+
+
+@dataclasses.dataclass
+class Hook:
+  """`fn(step, state)` every `every` steps and at the last step (every=0: never)."""
+  every: int
+  fn: Callable[[int, Any], None]
+
+
+def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
+        ckpt: checkpoint.Checkpointer, writer, log_every: int, checkpoint_every: int,
+        items_per_step: int = 0, start: int = 0, hooks: Sequence[Hook] = (),
+        scalars_fn: Callable[[int], dict] | None = None, name: str = 'train step'):
+  """Runs `state, metrics = step_fn(state, batch)` from `start` to `num_steps`.
+
+  `step_fn` is a jitted function whose state argument is donated; `batches`
+  yields this process's rows of each global batch (a pytree of numpy arrays).
+  `scalars_fn(step)` adds host-side scalars (e.g. the learning rate) to the logs.
+  Returns the final state. On SIGTERM it saves and returns early; rerunning
+  the same command resumes.
+  """
+  progress = logs.Progress(num_steps, writer, start, items_per_step=items_per_step)
+  pending: list[dict] = []  # Device metrics since the last check, fetched lazily.
+
+  def check_pending(step) -> dict:
+    """Averages and NaN-checks the pending metrics (before every log and save)."""
+    if not pending:
+      return {}
+    fetched = jax.device_get(pending)
+    pending.clear()
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    worst = {k: float(np.max(np.abs([m[k] for m in fetched]))) for k in fetched[0]}
+    logs.check_finite(step, worst)
+    return mean
+
+  step = start
+  if step >= num_steps:
+    return state
+  # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
+  batch = mesh_lib.shard_batch(next(batches), mesh)
+  step_fn = step_fn.lower(state, batch).compile()
+  mesh_lib.barrier(f'{name} compiled')
+  progress.reset_timer(start)
+
+  with checkpoint.PreemptionGuard() as guard:
+    while step < num_steps:
+      if batch is None:
+        batch = mesh_lib.shard_batch(next(batches), mesh)
+      state, metrics = step_fn(state, batch)
+      batch = None
+      pending.append(metrics)
+      step += 1
+      last = step == num_steps
+      if step % log_every == 0 or last:
+        scalars = check_pending(step)
+        if scalars_fn:
+          scalars.update(scalars_fn(step))
+        progress.update(step, scalars)
+      stopping = guard.should_stop(step)
+      if step % checkpoint_every == 0 or last or stopping:
+        check_pending(step)  # Never save a state whose loss went NaN.
+        ckpt.save(step, state, force=True)
+      ran_hook = False
+      for hook in hooks:
+        if hook.every and (step % hook.every == 0 or last):
+          hook.fn(step, state)
+          ran_hook = True
+      if ran_hook:
+        progress.reset_timer(step)
+      if stopping:
+        logging.warning('Stopped at step %d on request; rerun the same command to resume.', step)
+        break
+  return state

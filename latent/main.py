@@ -1,0 +1,41 @@
+"""Entry point for both stages: python -m latent.main --config=latent/configs/NAME.py --workdir=DIR
+
+A config's `stage` picks what runs:
+  stage 'vae' (latent/configs/vae_*.py): trains the autoencoder (stage 1);
+  stage 'ldm' (latent/configs/ldm_*.py): trains the conditional denoiser on the
+    latents of config.vae_workdir (stage 2), or with --mode=sample writes
+    images for config.sample.prompts (image-to-image / inpainting with
+    config.sample.init_image / config.sample.mask).
+Both resume from DIR's last checkpoint; any value can be overridden with --config.KEY=VALUE.
+"""
+
+from common import launch
+from latent import sample, train, vae_train
+from latent.configs import ldm_base, vae_base
+
+
+def validate(config):
+  stage = config.get('stage')
+  if stage == 'vae':
+    vae_base.validate(config)
+  elif stage == 'ldm':
+    ldm_base.validate(config)
+  else:
+    raise ValueError(f"config.stage={stage!r} is not one of 'vae', 'ldm'.")
+
+
+def train_either(config, workdir):
+  if config.stage == 'vae':
+    return vae_train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(config, workdir)
+
+
+def sample_ldm(config, workdir):
+  if config.stage != 'ldm':
+    raise ValueError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
+                     'reconstructions to WORKDIR/reconstructions while it trains.')
+  return sample.generate(config, workdir)
+
+
+if __name__ == '__main__':
+  launch.run(validate, {'train': train_either, 'sample': sample_ldm})

@@ -1,0 +1,123 @@
+"""Sampling a trained stage 2: prompts -> images, image-to-image and inpainting.
+
+  python -m latent.main --config=latent/configs/ldm_anime_text.py --workdir=DIR --mode=sample \
+      --config.sample.prompts="('red hair and green eyes', 'blonde short hair')"
+
+writes OUT/1.jpg ... (config.sample.num_per_prompt per prompt, prompt by
+prompt), OUT/prompts.tsv (file, prompt) and OUT_grid.png beside the folder,
+one captioned row per prompt. With sample.init_image it runs SDEdit from that
+picture at sample.strength; with sample.mask too, it inpaints: white mask
+pixels are generated, black ones kept from the picture.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from common import checkpoint, imageio, mesh as mesh_lib
+from latent import conditions as conditions_lib
+from latent import train
+from latent.configs import ldm_base
+
+
+def restore(config, workdir: str | Path, use_ema: bool = True):
+  """(model, params, conditions, stage1) of a stage-2 workdir's latest checkpoint."""
+  stage1 = train.Stage1(config.vae_workdir)
+  conds = conditions_lib.Conditions.load(workdir)
+  model = train.build_model(config, conds, stage1)
+  tx = train.ddpm_train.make_optimizer(config)
+  state = checkpoint.restore_latest(
+      workdir, jax.eval_shape(lambda: train.init_state(config, model, tx)),
+      'train stage 2 first with --mode=train and the same --workdir.')
+  logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
+               int(state.step))
+  return model, (state.ema_params if use_ema else state.params), conds, stage1
+
+
+def read_prompts(s) -> list[str]:
+  if s.prompt_file:
+    path = Path(s.prompt_file)
+    if not path.is_file():
+      raise FileNotFoundError(f'sample.prompt_file {path} does not exist.')
+    prompts = [l.strip() for l in path.read_text(encoding='utf-8').splitlines() if l.strip()]
+    if not prompts:
+      raise ValueError(f'sample.prompt_file {path} holds no prompt.')
+    return prompts
+  return [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
+
+
+def read_init_images(path: str | Path, size: int) -> np.ndarray:
+  """uint8 [N, size, size, 3] from one picture or a folder of them."""
+  path = Path(path)
+  if path.is_dir():
+    return imageio.load_images(path, size=size)[0]
+  if not path.is_file():
+    raise FileNotFoundError(f'sample.init_image {path} does not exist.')
+  return imageio.read_image(path, size)[None]
+
+
+def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
+  """keep [1, h, w, 1] float32 on the latent grid: 1 where the mask is dark (keep the picture).
+
+  A latent pixel is kept only if its whole image patch is dark, so no generated
+  pixel is overwritten.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'sample.mask {path} does not exist.')
+  with Image.open(path) as img:
+    gray = img.convert('L').resize((latent_size, latent_size), Image.Resampling.BOX,
+                                   reducing_gap=None)
+  return (np.asarray(gray, np.float32) < 128).astype(np.float32)[None, :, :, None]
+
+
+def generate(config, workdir: str | Path) -> Path:
+  ldm_base.validate(config)
+  s = config.sample
+  out = Path(s.output_dir or Path(workdir) / 'samples')
+  model, params, conds, stage1 = restore(config, workdir, s.use_ema)
+  ldm_base.validate(config, stage1.factor)
+  prompts = read_prompts(s)
+  ids = np.repeat(conds.prompt_ids(prompts), s.num_per_prompt, axis=0)
+  n, u = len(ids), model.unet
+
+  init_z0 = keep = None
+  strength = 1.0
+  if s.init_image:
+    pictures = read_init_images(s.init_image, config.data.image_size)
+    pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
+    mean, _ = jax.jit(stage1.moments)(stage1.params, pictures)
+    init_z0 = stage1.scale_factor * mean
+    strength = s.strength
+    if s.mask:
+      keep = np.broadcast_to(read_mask(s.mask, u.sample_size), (n, u.sample_size, u.sample_size, 1))
+  sample_fn = train.make_sample_fn(config, model, train.ddpm_train.build_schedule(config), stage1,
+                                   strength=strength, inpaint=keep is not None)
+
+  rng = jax.random.PRNGKey(s.seed)
+  images = []
+  for i in range(0, n, s.batch_size):
+    rng, noise_rng, step_rng = jax.random.split(rng, 3)
+    b = min(s.batch_size, n - i)
+    noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
+    part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
+    x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
+                  s.guidance_scale, part(init_z0), part(keep))
+    images.append(imageio.to_uint8(mesh_lib.gather(x)))
+  images = np.concatenate(images)
+  if jax.process_index() == 0:
+    files = imageio.write_numbered(images, out)
+    rows = [f'{f.name}\t{p}' for f, p in zip(files, (p for p in prompts
+                                                      for _ in range(s.num_per_prompt)))]
+    (out / 'prompts.tsv').write_text('file\tprompt\n' + '\n'.join(rows) + '\n', encoding='utf-8')
+    captions = [f'{p}  (guidance {s.guidance_scale:g})' for p in prompts]
+    imageio.save_image(imageio.captioned_grid(images, captions, s.num_per_prompt),
+                       out.parent / f'{out.name}_grid.png')
+  logging.info('Wrote %d images for %d prompts to %s.', n, len(prompts), out)
+  return out

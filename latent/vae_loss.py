@@ -1,0 +1,132 @@
+"""Stage-1 losses of latent diffusion: reconstruction + small KL + patch GAN (LDM's LPIPSWithDiscriminator).
+
+  L_AE = rec(x, x') + kl_weight * KL(q(z|x) || N(0, I)) + lambda * disc_weight * hinge_g(D(x'))
+  L_D  = hinge_d(D(x), D(sg(x')))
+
+Like LDM, the reconstruction and KL terms are summed over pixels (latent
+dims) and averaged over the batch, so kl_weight=1e-6 means what it means in
+LDM's configs. `lambda` is LDM's adaptive weight: the ratio of the gradient
+norms of the reconstruction and GAN losses with respect to the decoder's last
+layer, so the GAN term neither swamps nor vanishes next to the reconstruction.
+The GAN terms are switched on after `disc_start` steps (in vae_train).
+
+Pure functions, plus the discriminator module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latent import autoencoder
+
+REC_LOSSES = ('l1', 'l2', 'l1+l2')
+DISC_NORMS = ('group', 'none')
+ADAPTIVE_EPS = 1e-4
+ADAPTIVE_MAX = 1e4
+
+
+def reconstruction_loss(x: jnp.ndarray, recon: jnp.ndarray, kind: str) -> jnp.ndarray:
+  """|x - x'| and/or (x - x')^2, summed over pixels, averaged over the batch."""
+  diff = recon.astype(jnp.float32) - x.astype(jnp.float32)
+  per_pixel = {'l1': jnp.abs(diff), 'l2': jnp.square(diff),
+               'l1+l2': jnp.abs(diff) + jnp.square(diff)}[kind]
+  return jnp.sum(per_pixel) / x.shape[0]
+
+
+def kl_loss(mean: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
+  """The batch mean of the per-example closed-form KL (summed over latent dims)."""
+  return jnp.mean(autoencoder.kl(mean, logvar))
+
+
+# --- Discriminator -------------------------------------------------------------------------
+
+class NLayerDiscriminator(nn.Module):
+  """pix2pix's PatchGAN: 4x4 convs, LeakyReLU(0.2); logits [B, h, w, 1], one per patch.
+
+  pix2pix (and LDM) use BatchNorm. We use GroupNorm (or none): BatchNorm's
+  running statistics would be mutable state threaded through the train state,
+  differ between train and eval, and make D's output for one image depend on
+  the rest of its batch (and on how the batch is split over devices). GroupNorm
+  normalises each example alone: no state, the same on any device count.
+  """
+  channels: int = 64
+  num_layers: int = 3
+  norm: str = 'group'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(0.02)  # LDM's weights_init for the convs.
+
+    def conv(features, stride, bias, name):
+      return nn.Conv(features, (4, 4), (stride, stride), padding=((1, 1), (1, 1)), use_bias=bias,
+                     kernel_init=init, dtype=self.dtype, name=name)
+
+    def norm(h, name):
+      if self.norm == 'none':
+        return h
+      c = h.shape[-1]
+      return nn.GroupNorm(math.gcd(32, c), dtype=self.dtype, name=name)(h)
+
+    h = nn.leaky_relu(conv(self.channels, 2, True, 'conv_0')(x.astype(self.dtype)), 0.2)
+    for n in range(1, self.num_layers + 1):
+      stride = 2 if n < self.num_layers else 1  # The last hidden layer keeps the size.
+      h = conv(self.channels * min(2**n, 8), stride, self.norm == 'none', f'conv_{n}')(h)
+      h = nn.leaky_relu(norm(h, f'norm_{n}'), 0.2)
+    return conv(1, 1, True, f'conv_{self.num_layers + 1}')(h).astype(jnp.float32)
+
+
+def discriminator_output_size(image_size: int, num_layers: int) -> int:
+  """Side of the patch-logit map: each stride-2 conv halves, each stride-1 4x4 conv loses 1."""
+  return image_size // 2**num_layers - 2
+
+
+def hinge_d_loss(logits_real: jnp.ndarray, logits_fake: jnp.ndarray) -> jnp.ndarray:
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def hinge_g_loss(logits_fake: jnp.ndarray) -> jnp.ndarray:
+  return -jnp.mean(logits_fake)
+
+
+# --- LDM's adaptive GAN weight ---------------------------------------------------------------
+
+def last_layer_grad(model: autoencoder.AutoencoderKL, conv_out_params, conv_out_input,
+                    grad_recon: jnp.ndarray) -> jnp.ndarray:
+  """d loss / d (decoder conv_out kernel), given d loss / d reconstruction.
+
+  The reconstruction is conv_out(conv_out_input), so this is one conv's
+  vector-Jacobian product: no second pass through the network.
+  """
+  layer = autoencoder.conv_out_layer(model.in_channels, model.dtype)
+  h = jax.lax.stop_gradient(conv_out_input)
+  apply = lambda kernel: layer.apply(
+      {'params': {'kernel': kernel, 'bias': conv_out_params['bias']}}, h).astype(jnp.float32)
+  _, vjp = jax.vjp(apply, conv_out_params['kernel'])
+  return vjp(grad_recon.astype(jnp.float32))[0]
+
+
+def adaptive_weight(rec_grad: jnp.ndarray, gan_grad: jnp.ndarray, disc_weight: float) -> jnp.ndarray:
+  """disc_weight * ||grad rec|| / (||grad gan|| + 1e-4), clipped to [0, 1e4], no gradient."""
+  weight = jnp.linalg.norm(rec_grad) / (jnp.linalg.norm(gan_grad) + ADAPTIVE_EPS)
+  return jax.lax.stop_gradient(jnp.clip(weight, 0.0, ADAPTIVE_MAX)) * disc_weight
+
+
+# --- LPIPS -----------------------------------------------------------------------------------
+
+def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -> None:
+  """LPIPS (VGG16 features + linear heads) is not implemented in this build: fail, never ignore."""
+  if lpips_weight < 0:
+    raise ValueError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
+  if lpips_weight == 0:
+    return
+  raise ValueError(
+      f'{prefix}.lpips_weight={lpips_weight}: the LPIPS perceptual loss is not available in '
+      f'this build (no VGG16/LPIPS network is implemented here, {prefix}.lpips_weights='
+      f'{lpips_weights!r} cannot be used). Set {prefix}.lpips_weight=0 and use '
+      f"{prefix}.rec_loss ('l1', 'l2' or 'l1+l2') with the patch GAN instead.")

@@ -1,0 +1,213 @@
+"""latent/ stage 2 end to end on tiny models: training, resume, sampling, img2img, inpainting, errors.
+
+One tiny VAE and one tiny text-conditioned LDM are trained once for the module
+(scikit-learn digits, 16x16, no download); the tests share them.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import checkpoint, data, imageio
+from latent import sample, train, vae_train
+from latent.configs import ldm_demo, vae_demo
+from test_ddpm_train import read_scalars
+
+
+def tiny_vae_config():
+  config = vae_demo.get_config()
+  config.vae.block_out_channels = (16, 32, 32)
+  config.train.batch_size = 16
+  config.train.num_steps = 10
+  config.train.log_every = 5
+  config.train.checkpoint_every = 10
+  config.train.eval_every = 10
+  config.train.num_eval_images = 16
+  config.train.scale_factor_images = 64
+  config.train.async_checkpoint = False
+  return config
+
+
+def tiny_ldm_config(vae_workdir):
+  config = ldm_demo.get_config()
+  config.vae_workdir = str(vae_workdir)
+  config.conditioning.width = 32
+  config.conditioning.heads = 2
+  config.model.block_out_channels = (32, 64)
+  config.model.head_dim = 16
+  config.model.norm_groups = 8
+  config.diffusion.num_timesteps = 100
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 10
+  config.train.batch_size = 32
+  config.train.num_steps = 150
+  config.train.log_every = 25
+  config.train.checkpoint_every = 75
+  config.train.sample_every = 150
+  config.train.num_grid_samples = 10
+  config.train.ema_decay = 0.9
+  config.train.async_checkpoint = False
+  config.sample.num_steps = 8
+  config.sample.num_per_prompt = 3
+  config.sample.batch_size = 4
+  return config
+
+
+@pytest.fixture(scope='module')
+def vae_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('vae')
+  vae_train.train_and_evaluate(tiny_vae_config(), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def ldm_run(vae_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('ldm')
+  config = tiny_ldm_config(vae_dir)
+  state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
+
+
+def params_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_ldm_loss_falls_and_writes_a_prompt_grid(ldm_run):
+  config, workdir, state = ldm_run
+  assert int(state.step) == config.train.num_steps
+  losses = [v for _, v in read_scalars(workdir, 'loss')]
+  assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+  grid = imageio.read_image(workdir / 'samples_during_training' / f'{150:08d}.png')
+  assert grid.shape[0] > 10 * 64  # Ten captioned rows of enlarged 16x16 digits.
+  assert (workdir / train.CACHE).is_file() and (workdir / 'conditioning.json').is_file()
+
+
+def test_ldm_resume_is_bit_identical(ldm_run, tmp_path, monkeypatch):
+  config, _, state = ldm_run
+  config = config.copy_and_resolve_references()
+  config.train.sample_every = 0
+  with monkeypatch.context() as m:  # A preemption (SIGTERM) noticed at step 40.
+    m.setattr(checkpoint.PreemptionGuard, 'should_stop', lambda self, step: step == 40)
+    stopped = train.train_and_evaluate(config, str(tmp_path))
+  assert int(stopped.step) == 40
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert params_equal(resumed.params, state.params)
+  assert params_equal(resumed.ema_params, state.ema_params)
+  # Round trip: what sampling restores is the trained EMA.
+  _, params, conds, _ = sample.restore(config, tmp_path)
+  assert params_equal(params, state.ema_params) and conds.kind == 'text'
+
+
+def test_sampling_prompts_writes_numbered_files_and_captioned_grid(ldm_run, tmp_path):
+  config, workdir, _ = ldm_run
+  config = config.copy_and_resolve_references()
+  config.sample.output_dir = str(tmp_path / 'out')
+  config.sample.prompts = ('digit one', 'digit two')
+  out = sample.generate(config, workdir)
+  files = sorted(p.name for p in out.glob('*.jpg'))
+  assert files == sorted(f'{i}.jpg' for i in range(1, 7))
+  assert imageio.read_image(out / '1.jpg').shape == (16, 16, 3)
+  rows = (out / 'prompts.tsv').read_text().splitlines()
+  assert rows[0] == 'file\tprompt' and rows[1] == '1.jpg\tdigit one' and rows[6] == '6.jpg\tdigit two'
+  assert (tmp_path / 'out_grid.png').is_file()
+
+
+def _one_prompt_setup(config, workdir):
+  model, params, conds, stage1 = sample.restore(config, workdir)
+  schedule = train.ddpm_train.build_schedule(config)
+  ids = jnp.asarray(np.repeat(conds.prompt_ids(['digit four']), 2, axis=0))
+  images = data.load_captioned_dataset(config.data)[0][:2]
+  mean, _ = stage1.moments(stage1.params, images)
+  u = model.unet
+  noise = jax.random.normal(jax.random.PRNGKey(3), (2, u.sample_size, u.sample_size, u.in_channels))
+  return model, params, stage1, schedule, ids, images, stage1.scale_factor * mean, noise
+
+
+def test_img2img_strength_zero_is_the_vae_reconstruction(ldm_run):
+  config, workdir, _ = ldm_run
+  model, params, stage1, schedule, ids, images, init_z0, noise = _one_prompt_setup(config, workdir)
+  fn = train.make_sample_fn(config, model, schedule, stage1, strength=0.0)
+  got = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0)
+  recon = stage1.model.apply({'params': stage1.params}, images.astype(np.float32) / 127.5 - 1,
+                             method=stage1.model.__call__)[0]  # Decodes the posterior mode.
+  np.testing.assert_allclose(got, recon, atol=1e-5)
+  # A real strength moves away from it.
+  fn = train.make_sample_fn(config, model, schedule, stage1, strength=0.7)
+  moved = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0)
+  assert float(jnp.abs(moved - recon).mean()) > 1e-3
+
+
+def test_inpainting_keeps_the_known_latent_region(ldm_run):
+  config, workdir, _ = ldm_run
+  model, params, stage1, schedule, ids, _, init_z0, noise = _one_prompt_setup(config, workdir)
+  h = init_z0.shape[1]
+  keep = jnp.zeros((2, h, h, 1)).at[:, :, :h // 2].set(1.0)  # Keep the left half.
+  fn = train.make_sample_fn(config, model, schedule, stage1, inpaint=True, decode=False)
+  z = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0, keep)
+  np.testing.assert_array_equal(z[:, :, :h // 2], init_z0[:, :, :h // 2])
+  assert float(jnp.abs(z[:, :, h // 2:] - init_z0[:, :, h // 2:]).mean()) > 1e-2
+
+
+def test_inpainting_and_img2img_from_the_command_line_config(ldm_run, tmp_path):
+  config, workdir, _ = ldm_run
+  config = config.copy_and_resolve_references()
+  picture = tmp_path / 'picture.png'
+  imageio.save_image(np.full((16, 16, 3), 200, np.uint8), picture)
+  mask = np.zeros((16, 16, 3), np.uint8)
+  mask[:, 8:] = 255  # Generate the right half.
+  imageio.save_image(mask, tmp_path / 'mask.png')
+  config.sample.init_image = str(picture)
+  config.sample.mask = str(tmp_path / 'mask.png')
+  config.sample.strength = 1.0
+  config.sample.output_dir = str(tmp_path / 'inpainted')
+  out = sample.generate(config, workdir)
+  assert len(list(out.glob('*.jpg'))) == 6  # Two prompts x 3.
+  keep = sample.read_mask(tmp_path / 'mask.png', 4)
+  assert keep[0, :, :2, 0].all() and not keep[0, :, 2:, 0].any()
+
+
+def test_long_prompt_is_truncated_with_a_warning(ldm_run, caplog):
+  config, workdir, _ = ldm_run
+  _, _, conds, _ = sample.restore(config, workdir)
+  with caplog.at_level(logging.WARNING):
+    ids = conds.prompt_ids(['digit one digit two digit three'])
+  assert 'truncated to the maximum length 4' in caplog.text
+  assert ids.shape == (1, 4)
+
+
+def test_missing_vae_workdir_is_named(tmp_path):
+  config = tiny_ldm_config(tmp_path / 'no_vae_here')
+  with pytest.raises(FileNotFoundError, match='no_vae_here.*train stage 1 first'):
+    train.train_and_evaluate(config, str(tmp_path / 'ldm'))
+  assert not (tmp_path / 'ldm').exists()  # Failed before touching the workdir.
+
+
+def test_config_errors_name_the_key(tmp_path):
+  config = tiny_ldm_config(tmp_path)
+  config.conditioning.kind = 'caption'
+  with pytest.raises(ValueError, match="conditioning.kind='caption'"):
+    train.train_and_evaluate(config, str(tmp_path / 'ldm'))
+  config = tiny_ldm_config(tmp_path)
+  with pytest.raises(KeyError, match='guidance'):
+    config.sample.guidance = 2.0
+    train.ldm_base.validate(config)
+
+
+def test_unknown_class_prompt_is_an_error(ldm_run, tmp_path):
+  config, workdir, _ = ldm_run
+  config = config.copy_and_resolve_references()
+  config.conditioning.kind = 'class'
+  config.train.num_steps = 1
+  config.train.sample_every = 0
+  config.sample.prompts = ('digit eleven',)
+  class_dir = tmp_path / 'class'
+  train.train_and_evaluate(config, str(class_dir))
+  with pytest.raises(ValueError, match="Unknown class in prompt 'digit eleven'.*zero, one"):
+    sample.generate(config, class_dir)
+  config.sample.prompts = ('seven',)
+  config.sample.output_dir = str(tmp_path / 'out')
+  assert len(list(sample.generate(config, class_dir).glob('*.jpg'))) == 3
+  assert checkpoint.Checkpointer(class_dir, read_only=True).latest_step() == 1
