@@ -25,7 +25,6 @@ benchmarks/RESULTS.md (other sections are left untouched).
 
 import argparse
 import itertools
-import os
 import re
 import sys
 import time

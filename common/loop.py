@@ -30,6 +30,18 @@ def prepare_workdir(config, workdir: str | Path) -> Path:
   return workdir
 
 
+def resume(workdir: Path, state, t) -> tuple[checkpoint.Checkpointer, Any, int]:
+  """The Checkpointer for train config `t`, the state restored from the workdir's last
+  checkpoint (or `state` itself on a fresh run), and the step to start from."""
+  ckpt = checkpoint.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
+                                 t.async_checkpoint)
+  state = ckpt.restore(state) or state
+  start = int(state.step)
+  if start:
+    logging.info('Resumed from step %d.', start)
+  return ckpt, state, start
+
+
 def jit_step(step_fn: Callable, mesh, donate: bool = True):
   """jit(step_fn(state, batch) -> (state, metrics)): state replicated, batch split over devices."""
   return jax.jit(step_fn,

@@ -160,7 +160,7 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
   if init_x0 is not None:
     if not 0.0 <= strength <= 1.0:
       raise ValueError(f'strength must be in [0, 1], got {strength}.')
-    first = len(ts) - min(int(round(len(ts) * strength)), len(ts))
+    first = len(ts) - min(int(len(ts) * strength), len(ts))  # diffusers img2img rounds down.
     if first == len(ts):
       return (init_x0, init_x0[None], np.array([0])) if num_snapshots else init_x0
     ts, ts_next, ts_prev_model = ts[first:], ts_next[first:], ts_prev_model[first:]

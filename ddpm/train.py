@@ -9,7 +9,6 @@ resumed from a checkpoint continues bit for bit like one that never stopped.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import flax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from common import augment, checkpoint, data, imageio, logs, loop, mesh as mesh_lib, optim
+from common import augment, data, imageio, logs, loop, mesh as mesh_lib, optim
 from ddpm import diffusion, models, samplers, schedules
 from ddpm.configs import default as default_config
 
@@ -132,13 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   images = data.load_dataset(config.data)
 
   model, schedule, tx = build_model(config), build_schedule(config), make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(workdir, config.train.checkpoint_every,
-                                 config.train.keep_checkpoints, config.train.async_checkpoint)
-  state = create_train_state(config, model, tx, mesh)
-  state = ckpt.restore(state) or state
-  start = int(state.step)
-  if start:
-    logging.info('Resumed from step %d.', start)
+  ckpt, state, start = loop.resume(workdir, create_train_state(config, model, tx, mesh),
+                                   config.train)
 
   writer = logs.make_writer(workdir)
   logs.log_parameter_overview(state.params, 'U-Net')

@@ -58,13 +58,13 @@ def kl(mean: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
 
 # --- Networks ------------------------------------------------------------------------------
 
-def conv_out_layer(features: int, dtype: Dtype = jnp.float32, name: str = 'conv_out') -> nn.Conv:
-  """The decoder's last 3x3 conv. vae_loss applies it alone to get last-layer gradients."""
-  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
-
-
 def _conv3(features: int, name: str, dtype: Dtype) -> nn.Conv:
   return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+
+
+def conv_out_layer(features: int, dtype: Dtype = jnp.float32) -> nn.Conv:
+  """The decoder's last 3x3 conv. vae_loss applies it alone to get last-layer gradients."""
+  return _conv3(features, 'conv_out', dtype)
 
 
 class MidBlock(nn.Module):

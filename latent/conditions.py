@@ -100,6 +100,13 @@ class Conditions:
       ids.append(self.class_names.index(name))
     return np.array(ids, np.int32)[:, None]
 
+  def caption_for(self, prompt: str) -> str:
+    """The caption recorded for a prompt: a bare class name gets its scope word ("red" ->
+    "red hair"), so captions of class samples read like the data set's."""
+    if self.kind == 'class' and self.scope_word and prompt.strip().lower() in self.class_names:
+      return f'{prompt.strip().lower()} {self.scope_word}'
+    return prompt
+
   def save(self, workdir: str | Path) -> None:
     d = {'kind': self.kind, 'class_names': list(self.class_names), 'scope_word': self.scope_word}
     if self.tokenizer:

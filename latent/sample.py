@@ -4,7 +4,7 @@
       --config.sample.prompts="('red hair and green eyes', 'blonde short hair')"
 
 writes OUT/1.jpg ... (config.sample.num_per_prompt per prompt, prompt by
-prompt), OUT/prompts.tsv (file, prompt) and OUT_grid.png beside the folder,
+prompt), OUT/captions.tsv (file, prompt) and OUT_grid.png beside the folder,
 one captioned row per prompt. With sample.init_image it runs SDEdit from that
 picture at sample.strength; with sample.mask too, it inpaints: white mask
 pixels are generated, black ones kept from the picture.
@@ -113,9 +113,11 @@ def generate(config, workdir: str | Path) -> Path:
   images = np.concatenate(images)
   if jax.process_index() == 0:
     files = imageio.write_numbered(images, out)
-    rows = [f'{f.name}\t{p}' for f, p in zip(files, (p for p in prompts
-                                                      for _ in range(s.num_per_prompt)))]
-    (out / 'prompts.tsv').write_text('file\tprompt\n' + '\n'.join(rows) + '\n', encoding='utf-8')
+    rows = [f'{f.name}\t{conds.caption_for(p)}'
+            for f, p in zip(files, (p for p in prompts for _ in range(s.num_per_prompt)))]
+    # The captions.tsv format of the data sets: `python -m metrics attributes OUT` scores it.
+    (out / 'captions.tsv').write_text('file\tcaption\n' + '\n'.join(rows) + '\n',
+                                      encoding='utf-8')
     captions = [f'{p}  (guidance {s.guidance_scale:g})' for p in prompts]
     imageio.save_image(imageio.captioned_grid(images, captions, s.num_per_prompt),
                        out.parent / f'{out.name}_grid.png')

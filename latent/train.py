@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import checkpoint, data, imageio, logs, loop, mesh as mesh_lib, optim
+from common import data, imageio, logs, loop, mesh as mesh_lib, optim
 from ddpm import diffusion, samplers
 from ddpm import train as ddpm_train
 from latent import conditions as conditions_lib
@@ -209,14 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
 
   model = build_model(config, conds, stage1)
   schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
-                                 t.async_checkpoint)
   state = jax.jit(functools.partial(init_state, config, model, tx),
                   out_shardings=mesh_lib.replicated(mesh))()
-  state = ckpt.restore(state) or state
-  start = int(state.step)
-  if start:
-    logging.info('Resumed from step %d.', start)
+  ckpt, state, start = loop.resume(workdir, state, t)
   writer = logs.make_writer(workdir)
   logs.log_parameter_overview(state.params, 'latent denoiser')
   vae_params = mesh_lib.replicate(stage1.params, mesh)

@@ -9,6 +9,8 @@ LDM's configs. `lambda` is LDM's adaptive weight: the ratio of the gradient
 norms of the reconstruction and GAN losses with respect to the decoder's last
 layer, so the GAN term neither swamps nor vanishes next to the reconstruction.
 The GAN terms are switched on after `disc_start` steps (in vae_train).
+With lpips_weight > 0 the reconstruction term also has LDM's LPIPS-VGG
+perceptual distance (latent/lpips.py; user-converted weights, see check_lpips).
 
 Pure functions, plus the discriminator module.
 """
@@ -16,13 +18,14 @@ Pure functions, plus the discriminator module.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latent import autoencoder
+from latent import autoencoder, lpips
 
 REC_LOSSES = ('l1', 'l2', 'l1+l2')
 DISC_NORMS = ('group', 'none')
@@ -119,14 +122,47 @@ def adaptive_weight(rec_grad: jnp.ndarray, gan_grad: jnp.ndarray, disc_weight: f
 
 # --- LPIPS -----------------------------------------------------------------------------------
 
+def lpips_reconstruction_loss(x: jnp.ndarray, recon: jnp.ndarray, kind: str, lpips_weight: float,
+                              distance) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(rec + lpips_weight * LPIPS at LDM's scale, the batch-mean LPIPS).
+
+  LDM's LPIPSWithDiscriminator adds the per-image LPIPS [B, 1, 1, 1] to the
+  per-pixel |x - x'| [B, C, H, W] (broadcast to every pixel and channel)
+  before summing over pixels and averaging over the batch, so each image's
+  LPIPS counts C*H*W times: lpips_weight=1 here is LDM's perceptual_weight=1.
+  `distance(x, recon)` -> [B].
+  """
+  d = distance(x, recon)
+  pixels = math.prod(x.shape[1:])
+  return reconstruction_loss(x, recon, kind) + lpips_weight * pixels * jnp.mean(d), jnp.mean(d)
+
+
 def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -> None:
-  """LPIPS (VGG16 features + linear heads) is not implemented in this build: fail, never ignore."""
+  """lpips_weight > 0 needs `lpips_weights`, an existing LPIPS-VGG .npz (checked before compute).
+
+  The weights cannot be downloaded at run time: the user converts them once
+  (see latent/lpips.py); without them LPIPS is refused, never silently skipped.
+  """
   if lpips_weight < 0:
     raise ValueError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
   if lpips_weight == 0:
     return
-  raise ValueError(
-      f'{prefix}.lpips_weight={lpips_weight}: the LPIPS perceptual loss is not available in '
-      f'this build (no VGG16/LPIPS network is implemented here, {prefix}.lpips_weights='
-      f'{lpips_weights!r} cannot be used). Set {prefix}.lpips_weight=0 and use '
-      f"{prefix}.rec_loss ('l1', 'l2' or 'l1+l2') with the patch GAN instead.")
+  key = f'{prefix}.lpips_weights'
+  if not lpips_weights:
+    raise ValueError(
+        f'{prefix}.lpips_weight={lpips_weight} needs {key}, the LPIPS-VGG weights (.npz), which '
+        f'is empty. Make the file with: {lpips.convert_command()}, then set {key} to it (or '
+        f'set {prefix}.lpips_weight=0).')
+  if not os.path.isfile(lpips_weights):
+    raise FileNotFoundError(
+        f'{key}={lpips_weights!r}: no such file (needed by {prefix}.lpips_weight={lpips_weight}). '
+        f'Make it with: {lpips.convert_command(lpips_weights)}')
+  try:
+    keys = lpips.npz_keys(lpips_weights)
+  except Exception as e:  # pylint: disable=broad-except  # Not a zip / not an .npz.
+    raise ValueError(f'{key}={lpips_weights!r} is not an .npz file ({e}). Make it with: '
+                     f'{lpips.convert_command(lpips_weights)}') from e
+  missing = sorted(set(lpips.param_shapes()) - set(keys))
+  if missing:
+    raise ValueError(f'{key}={lpips_weights!r} lacks the LPIPS-VGG arrays {missing}. Make it '
+                     f'with: {lpips.convert_command(lpips_weights)}')

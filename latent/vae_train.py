@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from common import checkpoint, data, imageio, logs, loop, mesh as mesh_lib, optim
-from latent import autoencoder, vae_loss
+from latent import autoencoder, lpips, vae_loss
 from latent.configs import vae_base
 
 TRAIN_COMMAND = 'python -m latent.main --config=latent/configs/vae_anime.py --workdir=...'
@@ -82,7 +82,8 @@ def create_train_state(config, model, disc, tx, disc_tx, mesh) -> TrainState:
                  out_shardings=mesh_lib.replicated(mesh))()
 
 
-def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, disc, tx, disc_tx):
+def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, config, model, disc,
+               tx, disc_tx):
   """One step on a uint8 [B, H, W, 3] batch: autoencoder always, discriminator after disc_start.
 
   The autoencoder's forward pass is linearised once (jax.vjp). The losses are
@@ -90,6 +91,9 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, disc, tx
   with respect to those outputs are cheap; LDM's adaptive weight pushes the
   reconstruction and GAN output-gradients through the decoder's conv_out
   alone, and one backward pass takes the weighted sum to the parameters.
+  With `lpips_params` (frozen LPIPS-VGG weights, loss.lpips_weight > 0) the
+  reconstruction loss includes LPIPS, so its output-gradient, and with it the
+  adaptive weight, does too, as in LDM.
   """
   l = config.loss
   rng = jax.random.fold_in(state.rng, state.step)
@@ -101,8 +105,17 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, disc, tx
     return (recon, mean, logvar), inter['intermediates']['decoder']['conv_out_input'][0]
 
   (recon, mean, logvar), backward, conv_out_input = jax.vjp(forward, state.params, has_aux=True)
-  rec_loss, grad_rec = jax.value_and_grad(
-      lambda r: vae_loss.reconstruction_loss(x, r, l.rec_loss))(recon)
+  lpips_metrics = {}
+  if lpips_params is None:
+    rec_loss, grad_rec = jax.value_and_grad(
+        lambda r: vae_loss.reconstruction_loss(x, r, l.rec_loss))(recon)
+  else:
+    # Only recon is differentiated: the LPIPS weights stay frozen (and out of the train state).
+    distance = functools.partial(lpips.lpips_distance, lpips_params, dtype=model.dtype)
+    (rec_loss, lpips_value), grad_rec = jax.value_and_grad(
+        lambda r: vae_loss.lpips_reconstruction_loss(x, r, l.rec_loss, l.lpips_weight, distance),
+        has_aux=True)(recon)
+    lpips_metrics = dict(lpips=lpips_value)
   kl, (grad_mean, grad_logvar) = jax.value_and_grad(vae_loss.kl_loss, argnums=(0, 1))(mean, logvar)
 
   def gan_on(_):
@@ -147,18 +160,49 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, disc, tx
   loss = rec_loss + l.kl_weight * kl + gan_metrics['gan_weight'] * gan_metrics['g_loss']
   metrics = dict(loss=loss, rec_loss=rec_loss, kl=kl, grad_norm=optax.global_norm(grads),
                  l1=jnp.mean(jnp.abs(recon - x)), mse=jnp.mean(jnp.square(recon - x)),
-                 posterior_std=jnp.mean(jnp.exp(0.5 * logvar)), **gan_metrics)
+                 posterior_std=jnp.mean(jnp.exp(0.5 * logvar)), **gan_metrics, **lpips_metrics)
   return state.replace(step=state.step + 1, params=params, disc_params=disc_params,
                        opt_state=opt_state, disc_opt_state=disc_opt_state), metrics
 
 
-def make_train_step(config, model, disc, tx, disc_tx, mesh):
+class _BindLast:
+  """`fn(state, batch, extra)` seen as `fn(state, batch)`, through .lower(...).compile() too.
+
+  loop.run compiles the step ahead with `step_fn.lower(state, batch).compile()`
+  and calls the result with (state, batch); this passes `extra` (the LPIPS
+  weights, replicated) as a real argument at each stage. Closing over it
+  instead would embed ~59 MB of constants in the compiled program.
+  """
+
+  def __init__(self, fn, extra):
+    self.fn, self.extra = fn, extra
+
+  def __call__(self, state, batch):
+    return self.fn(state, batch, self.extra)
+
+  def lower(self, state, batch):
+    return _BindLast(self.fn.lower(state, batch, self.extra), self.extra)
+
+  def compile(self):
+    return _BindLast(self.fn.compile(), self.extra)
+
+
+def make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params=None):
+  """The jitted step(state, batch); `lpips_params` (from load_lpips) are bound to it replicated."""
   step = functools.partial(train_step, config=config, model=model, disc=disc, tx=tx,
                            disc_tx=disc_tx)
-  return jax.jit(step,
-                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)),
-                 out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
-                 donate_argnums=0)
+  if lpips_params is None:
+    return loop.jit_step(step, mesh)
+  replicated = mesh_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+  return _BindLast(jitted, mesh_lib.replicate(lpips_params, mesh))
+
+
+def load_lpips(config):
+  """The frozen LPIPS-VGG weights (numpy) when loss.lpips_weight > 0, else None."""
+  l = config.loss
+  return lpips.load_params(l.lpips_weights) if l.lpips_weight > 0 else None
 
 
 # --- Encoding and decoding (what stage 2 uses) -----------------------------------------------
@@ -278,11 +322,6 @@ def split_eval(images: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
   return images[:-n], images[-n:]
 
 
-def _save_config(config, workdir: Path) -> None:
-  if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=list))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's last checkpoint) and returns the final state.
 
@@ -290,9 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rewritten with it, also for a run that had already finished without it.
   """
   vae_base.validate(config)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _save_config(config, workdir)
+  lpips_params = load_lpips(config)  # Before any compute: a bad file fails here, checked.
+  workdir = loop.prepare_workdir(config, workdir)  # config.json: what load_vae reads back.
 
   mesh = mesh_lib.make_mesh()
   t = config.train
@@ -301,18 +339,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model, disc = build_model(config), build_discriminator(config)
   tx, disc_tx = make_optimizers(config)
-  ckpt = checkpoint.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
-                                 t.async_checkpoint)
-  state = create_train_state(config, model, disc, tx, disc_tx, mesh)
-  state = ckpt.restore(state) or state
-  start = int(state.step)
-  if start:
-    logging.info('Resumed from step %d.', start)
+  ckpt, state, start = loop.resume(
+      workdir, create_train_state(config, model, disc, tx, disc_tx, mesh), t)
 
   writer = logs.make_writer(workdir)
   logs.log_parameter_overview(state.params, 'Autoencoder')
   logs.log_parameter_overview(state.disc_params, 'Discriminator')
-  step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh)
+  step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params)
   learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
 
   def evaluate(step, state):
@@ -374,23 +407,17 @@ def load_vae(workdir: str | Path):
   """
   workdir = Path(workdir)
   config_file = workdir / 'config.json'
-  ckpt_dir = workdir / 'checkpoints'
-  has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-  if not config_file.exists() or not has_ckpt:
-    missing = 'config.json' if not config_file.exists() else 'checkpoint'
-    raise FileNotFoundError(
-        f'No stage-1 autoencoder in {workdir} (no {missing}): train stage 1 first: '
-        f'{TRAIN_COMMAND.replace("...", str(workdir))}')
+  how_to_train = f'train stage 1 first: {TRAIN_COMMAND.replace("...", str(workdir))}'
+  if not config_file.exists():
+    raise FileNotFoundError(f'No stage-1 autoencoder in {workdir} (no config.json): '
+                            f'{how_to_train}')
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   if config.get('stage') != 'vae':
     raise ValueError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
   model, disc = build_model(config), build_discriminator(config)
   tx, disc_tx = make_optimizers(config)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    state = ckpt.restore(jax.eval_shape(lambda: init_state(config, model, disc, tx, disc_tx)))
-  finally:
-    ckpt.close()
+  state = checkpoint.restore_latest(
+      workdir, jax.eval_shape(lambda: init_state(config, model, disc, tx, disc_tx)), how_to_train)
   scale_factor = float(state.scale_factor)
   if not scale_factor > 0:
     raise ValueError(

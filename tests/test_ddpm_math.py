@@ -221,3 +221,29 @@ def test_bad_sampler_arguments():
     samplers.timesteps(T, 10, 'log')
   with pytest.raises(ValueError, match='num_steps'):
     samplers.timesteps(T, 0)
+
+
+@pytest.mark.parametrize('strength', [0.0, 0.3, 0.7, 1.0])
+def test_sdedit_start_matches_diffusers_img2img(gaussian_setup, strength):
+  """init_x0 + strength: diffusers' img2img timesteps[t_start:], noised to the first of them."""
+  s, x_T = gaussian_setup
+  noise = np.asarray(x_T[:16], np.float32)
+  x0 = np.random.RandomState(5).randn(*noise.shape).astype(np.float32) * SD + MU
+  steps = 20
+  ref = DDIMScheduler(num_train_timesteps=T, beta_schedule='squaredcos_cap_v2', clip_sample=False,
+                      set_alpha_to_one=True)
+  ref.set_timesteps(steps)
+  start = steps - min(int(steps * strength), steps)
+  model_fn = gaussian_eps_fn(s)
+  x = torch.from_numpy(x0)
+  if start < steps:
+    x = ref.add_noise(x, torch.from_numpy(noise), ref.timesteps[start:start + 1])
+  for t in ref.timesteps[start:]:
+    eps = model_fn(jnp.asarray(x.numpy()), jnp.full((len(x0),), int(t)))
+    x = ref.step(torch.from_numpy(np.asarray(eps)), t, x).prev_sample
+  ours = samplers.sample(s, model_fn, jnp.asarray(noise), jax.random.PRNGKey(0), sampler='ddim',
+                         num_steps=steps, clip_x0=False, init_x0=jnp.asarray(x0),
+                         strength=strength)
+  np.testing.assert_allclose(ours, x.numpy(), atol=1e-4)
+  if strength == 0.0:
+    np.testing.assert_array_equal(ours, x0)

@@ -110,8 +110,8 @@ def test_sampling_prompts_writes_numbered_files_and_captioned_grid(ldm_run, tmp_
   files = sorted(p.name for p in out.glob('*.jpg'))
   assert files == sorted(f'{i}.jpg' for i in range(1, 7))
   assert imageio.read_image(out / '1.jpg').shape == (16, 16, 3)
-  rows = (out / 'prompts.tsv').read_text().splitlines()
-  assert rows[0] == 'file\tprompt' and rows[1] == '1.jpg\tdigit one' and rows[6] == '6.jpg\tdigit two'
+  rows = (out / 'captions.tsv').read_text().splitlines()
+  assert rows[0] == 'file\tcaption' and rows[1] == '1.jpg\tdigit one' and rows[6] == '6.jpg\tdigit two'
   assert (tmp_path / 'out_grid.png').is_file()
 
 

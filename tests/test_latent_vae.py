@@ -129,6 +129,19 @@ def test_load_diffusers_folder(pair, tmp_path):
   loaded_model, loaded, scaling = autoencoder.load_diffusers_vae(tmp_path)
   assert loaded_model == model and scaling == pytest.approx(reference.config.scaling_factor)
   assert leaves_equal(loaded, params)
+  # Older checkpoints (the original SD VAEs) name the attention layers query/key/value/proj_attn.
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  old_names = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
+  old = {}
+  for key, value in load_file(str(tmp_path / 'diffusion_pytorch_model.safetensors')).items():
+    for new_name, old_name in old_names.items():
+      key = key.replace(f'attentions.0.{new_name}.', f'attentions.0.{old_name}.')
+    old[key] = value
+  assert 'encoder.mid_block.attentions.0.proj_attn.weight' in old
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'config.json').write_text((tmp_path / 'config.json').read_text())
+  save_file(old, str(tmp_path / 'old' / 'diffusion_pytorch_model.safetensors'))
+  assert leaves_equal(autoencoder.load_diffusers_vae(tmp_path / 'old')[1], params)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nothing')):
     autoencoder.load_diffusers_vae(tmp_path / 'nothing')
 
@@ -286,7 +299,9 @@ def test_resumed_run_matches_uninterrupted_run_and_stores_scale_factor(trained, 
 # --- Errors ----------------------------------------------------------------------------------
 
 def test_load_vae_names_a_missing_or_empty_workdir(tmp_path):
-  for workdir in (tmp_path / 'missing', tmp_path):
+  no_checkpoint = tmp_path / 'no_checkpoint'  # A run that stopped before its first save.
+  loop.prepare_workdir(tiny_config(), no_checkpoint)
+  for workdir in (tmp_path / 'missing', tmp_path, no_checkpoint):
     with pytest.raises(FileNotFoundError, match=f'{workdir}.*train stage 1 first'):
       vae_train.load_vae(workdir)
 
@@ -294,7 +309,7 @@ def test_load_vae_names_a_missing_or_empty_workdir(tmp_path):
 @pytest.mark.parametrize('key,value,error,message', [
     ('train.num_stepz', 5, KeyError, 'train.num_stepz'),
     ('loss.rec_loss', 'l3', ValueError, "loss.rec_loss='l3'"),
-    ('loss.lpips_weight', 0.1, ValueError, 'loss.lpips_weight=0.1.*not available'),
+    ('loss.lpips_weight', 0.1, ValueError, 'loss.lpips_weight=0.1 needs loss.lpips_weights'),
     ('data.image_size', 15, ValueError, 'data.image_size=15 must be divisible'),
     ('vae.norm_groups', 3, ValueError, 'vae.norm_groups=3'),
     ('loss.disc_layers', 4, ValueError, 'loss.disc_layers=4'),

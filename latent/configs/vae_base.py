@@ -52,8 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   l.disc_channels = 64
   l.disc_layers = 3
   l.disc_norm = 'group'            # 'group' or 'none' (no BatchNorm: see vae_loss).
-  l.lpips_weight = 0.0             # > 0 is rejected: LPIPS is not available in this build.
-  l.lpips_weights = ''             # .npz of LPIPS weights (for a build that has LPIPS).
+  # LPIPS-VGG perceptual term, at LDM's scale (LDM's kl-f* configs: perceptual_weight 1.0).
+  # Optional; > 0 needs lpips_weights, a .npz made once by the user (never downloaded here):
+  # python -m latent.lpips convert --vgg vgg16-397923af.pth --lin vgg.pth --out lpips_vgg.npz
+  l.lpips_weight = 0.0
+  l.lpips_weights = ''             # Path of that .npz; checked by validate.
 
   config.optim = _adam_ldm()
   config.disc_optim = _adam_ldm()

@@ -1,0 +1,220 @@
+"""latent/ speed against diffusers (PyTorch), side by side in one run.
+
+  python benchmarks/bench_latent.py [--batch 16] [--repeats 3] [--write]
+
+(a) stage-2 train step of `ldm_anime_text` (text encoder + conditional U-Net on
+    16x16x4 latents, condition dropout, Adam, EMA) against diffusers'
+    UNet2DConditionModel of the same architecture plus a torch Transformer
+    text encoder of the same size, float32;
+(b) guided DDIM-50 sampling (one batched cond/uncond pass per step) against
+    the same torch modules in a plain loop with diffusers' DDIMScheduler;
+(c) stage-1 autoencoder (vae_anime, 64x64) encode + decode against diffusers'
+    AutoencoderKL.
+Prints ratios (> 1: we are faster); --write replaces the `## latent` section
+of benchmarks/RESULTS.md.
+"""
+
+import argparse
+import platform
+import re
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.torch_compat import patch_torchvision  # pylint: disable=wrong-import-position
+
+patch_torchvision()
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
+
+from bench_ddpm import timed  # pylint: disable=wrong-import-position
+from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
+from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
+from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
+from latent.configs import ldm_anime_text, vae_anime  # pylint: disable=wrong-import-position
+
+LATENT, CHANNELS, FACTOR = 16, 4, 4
+
+
+def ldm_setup(batch):
+  config = ldm_anime_text.get_config()
+  config.train.batch_size = batch
+  c = config.conditioning
+  tokenizer = text.Tokenizer.from_captions(['blonde long hair and blue eyes'] * 2, c.max_length)
+  tokenizer = text.Tokenizer(tokenizer.vocab + [f'w{i}' for i in range(40)], c.max_length)
+  conds = conditions.Conditions('text', tokenizer)
+  stage1 = types.SimpleNamespace(factor=FACTOR, latent_channels=CHANNELS, scale_factor=1.0)
+  model = train.build_model(config, conds, stage1)
+  return config, model, stage1, tokenizer
+
+
+def bench_ours_train(batch, repeats):
+  config, model, stage1, tokenizer = ldm_setup(batch)
+  mesh = mesh_lib.make_mesh()
+  schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
+  state = jax.jit(lambda: train.init_state(config, model, tx),
+                  out_shardings=mesh_lib.replicated(mesh))()
+  step = loop.jit_step(lambda s, b: train.train_step(
+      s, b, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
+      vae_params=None), mesh)
+  rng = np.random.RandomState(0)
+  ids, _ = tokenizer.encode(['blonde long hair and blue eyes'] * batch)
+  batch_np = {'ids': ids,
+              'mean': rng.randn(batch, 2, LATENT, LATENT, CHANNELS).astype(np.float32),
+              'std': np.full((batch, 2, LATENT, LATENT, CHANNELS), 0.1, np.float32)}
+  box = [state]
+
+  def ours():
+    box[0], metrics = step(box[0], mesh_lib.shard_batch(batch_np, mesh))
+    metrics['loss'].block_until_ready()
+
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return timed(ours, repeats), n_params, config, model, box[0].params
+
+
+def torch_modules(config, model):
+  m, c = config.model, config.conditioning
+  u = model.unet
+  attn = u.attention_levels()
+  heads = tuple(ch // m.head_dim for ch in m.block_out_channels)
+  unet = UNet2DConditionModel(
+      sample_size=u.sample_size, in_channels=CHANNELS, out_channels=CHANNELS,
+      block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+      down_block_types=tuple('CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in attn),
+      up_block_types=tuple('CrossAttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn)),
+      norm_num_groups=m.norm_groups, cross_attention_dim=c.width, attention_head_dim=heads,
+      use_linear_projection=True)
+  layer = torch.nn.TransformerEncoderLayer(c.width, c.heads, 4 * c.width, dropout=0.0,
+                                           activation='gelu', batch_first=True, norm_first=True)
+  text_encoder = torch.nn.Sequential()
+  text_encoder.embed = torch.nn.Embedding(64, c.width)
+  text_encoder.encoder = torch.nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+  text_encoder.norm = torch.nn.LayerNorm(c.width)
+  return unet, text_encoder
+
+
+def encode_text(text_encoder, ids):
+  return text_encoder.norm(text_encoder.encoder(text_encoder.embed(ids)))
+
+
+def bench_torch_train(config, model, batch, repeats):
+  unet, text_encoder = torch_modules(config, model)
+  params = list(unet.parameters()) + list(text_encoder.parameters())
+  opt = torch.optim.Adam(params, lr=1e-4)
+  sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear')
+  z0 = torch.randn(batch, CHANNELS, LATENT, LATENT)
+  ids = torch.randint(2, 40, (batch, config.conditioning.max_length))
+
+  def theirs():
+    t = torch.randint(0, 1000, (batch,))
+    noise = torch.randn_like(z0)
+    context = encode_text(text_encoder, ids)
+    loss = torch.nn.functional.mse_loss(
+        unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample, noise)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+  return timed(theirs, repeats), (unet, text_encoder)
+
+
+def bench_ours_sampling(config, model, params, batch, repeats):
+  config.sample.num_steps = 50
+  stage1 = types.SimpleNamespace(scale_factor=1.0)
+  fn = train.make_sample_fn(config, model, ddpm_train.build_schedule(config), stage1, decode=False)
+  ids = jnp.full((batch, config.conditioning.max_length), 3, jnp.int32)
+  noise = jax.random.normal(jax.random.PRNGKey(1), (batch, LATENT, LATENT, CHANNELS))
+  return timed(lambda: fn(params, None, jax.random.PRNGKey(2), ids, noise, 4.0).block_until_ready(),
+               repeats)
+
+
+def bench_torch_sampling(config, modules, batch, repeats):
+  unet, text_encoder = (m.eval() for m in modules)
+  sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', clip_sample=False)
+  ids = torch.full((batch, config.conditioning.max_length), 3)
+
+  @torch.no_grad()
+  def theirs():
+    context = torch.cat([encode_text(text_encoder, ids), torch.zeros(batch, ids.shape[1],
+                                                                     config.conditioning.width)])
+    sched.set_timesteps(50)
+    z = torch.randn(batch, CHANNELS, LATENT, LATENT)
+    for t in sched.timesteps:
+      out = unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample
+      cond, uncond = out.chunk(2)
+      z = sched.step(uncond + 4.0 * (cond - uncond), t, z).prev_sample
+
+  return timed(theirs, repeats)
+
+
+def bench_vae(batch, repeats):
+  config = vae_anime.get_config()
+  model = vae_train.build_model(config)
+  size = config.data.image_size
+  params = autoencoder.init_params(model, jax.random.PRNGKey(0), size)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 3), minval=-1, maxval=1)
+  fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
+  ours = timed(lambda: fn(params, x).block_until_ready(), repeats)
+  vae = AutoencoderKL(**autoencoder.diffusers_config(model)).eval()
+  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+  @torch.no_grad()
+  def theirs():
+    vae.decode(vae.encode(xt).latent_dist.mode()).sample
+
+  n_params = sum(v.size for v in jax.tree.leaves(params))
+  return ours, timed(theirs, repeats), n_params
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--write', action='store_true')
+  args = parser.parse_args()
+  torch.manual_seed(0)
+  b, r = args.batch, args.repeats
+  ours_train, n_params, config, model, params = bench_ours_train(b, r)
+  theirs_train, modules = bench_torch_train(config, model, b, r)
+  ours_sample = bench_ours_sampling(config, model, params, b, 1)
+  theirs_sample = bench_torch_sampling(config, modules, b, 1)
+  ours_vae, theirs_vae, vae_params = bench_vae(b, r)
+  device = jax.devices()[0]
+  lines = [
+      '## latent',
+      '',
+      f'Machine: {platform.machine()}, {len(jax.devices())} JAX device(s) {device.platform}:'
+      f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+      f'jax {jax.__version__}. Command: `python benchmarks/bench_latent.py --batch {b} '
+      f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster).',
+      '',
+      '| what | ours | diffusers | ratio |',
+      '|---|---|---|---|',
+      f'| (a) ldm_anime_text train step, batch {b} ({n_params / 1e6:.1f}M parameters: text encoder '
+      f'+ U-Net on 16x16x4) | {ours_train:.3f} s | {theirs_train:.3f} s | '
+      f'{theirs_train / ours_train:.2f}x |',
+      f'| (b) guided DDIM-50, batch {b} (cond + uncond in one pass) | {ours_sample:.2f} s | '
+      f'{theirs_sample:.2f} s | {theirs_sample / ours_sample:.2f}x |',
+      f'| (c) vae_anime encode + decode, batch {b} at 64x64 ({vae_params / 1e6:.1f}M) | '
+      f'{ours_vae:.3f} s | {theirs_vae:.3f} s | {theirs_vae / ours_vae:.2f}x |',
+      '',
+  ]
+  report = '\n'.join(lines)
+  print(report)
+  if args.write:
+    path = Path(__file__).with_name('RESULTS.md')
+    old = path.read_text() if path.exists() else ''
+    pattern = re.compile(r'## latent\n.*?(?=\n## |\Z)', re.S)
+    new = pattern.sub(report.rstrip('\n'), old) if pattern.search(old) else (
+        old.rstrip('\n') + '\n\n' + report)
+    path.write_text(new)
+
+
+if __name__ == '__main__':
+  main()
