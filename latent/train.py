@@ -147,13 +147,14 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
   return jax.jit(sample_fn)
 
 
-def build_dataset(config, conds: conditions_lib.Conditions, images, captions):
+def build_dataset(conds: conditions_lib.Conditions, images, captions):
+  """(images, condition ids) of the examples the conditioning can use."""
   ids, keep = conds.training_ids(captions)
   return images[keep], ids[keep]
 
 
 def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: int):
-  """Posterior moments of every image and its mirror image, computed once per VAE step.
+  """Posterior moments of every image and its mirror image, computed once per data set and VAE.
 
   Returns {'mean', 'std'}: [N, 2, h, w, c] float32 ([:, 1] is the flipped image's).
   """
@@ -199,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
     conds = conditions_lib.Conditions.from_captions(config.conditioning, captions)
     if jax.process_index() == 0:
       conds.save(workdir)
-  images, ids = build_dataset(config, conds, images, captions)
+  images, ids = build_dataset(conds, images, captions)
   t = config.train
   examples = {'ids': ids}
   if t.latent_cache:
