@@ -11,19 +11,12 @@ from common import mesh as mesh_lib
 from latent import lpips as jlpips
 from latent import vae_train
 from latent.configs import vae_base
+from test_latent_vae import tiny_config as tiny_vae_config
 
 
 def tiny_config(weights='', weight=0.0):
-  config = vae_base.get_config()
-  config.data.source = 'digits'
-  config.data.path = ''
-  config.data.image_size = 16
-  config.vae.block_out_channels = (8, 16)
-  config.vae.layers_per_block = 1
-  config.vae.norm_groups = 4
+  config = tiny_vae_config()
   config.loss.disc_start = 0  # GAN on from step 0: the adaptive weight sees the LPIPS gradient.
-  config.loss.disc_channels = 8
-  config.loss.disc_layers = 2
   config.loss.lpips_weight = weight
   config.loss.lpips_weights = str(weights)
   config.train.batch_size = 4
