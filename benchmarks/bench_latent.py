@@ -60,8 +60,7 @@ def bench_ours_train(batch, repeats):
   state = jax.jit(lambda: train.init_state(config, model, tx),
                   out_shardings=mesh_lib.replicated(mesh))()
   step = loop.jit_step(lambda s, b: train.train_step(
-      s, b, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
-      vae_params=None), mesh)
+      s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh)
   rng = np.random.RandomState(0)
   ids, _ = tokenizer.encode(['blonde long hair and blue eyes'] * batch)
   batch_np = {'ids': ids,

@@ -116,24 +116,6 @@ def load_dataset(c: ml_collections.ConfigDict) -> np.ndarray:
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 
 
-def read_captions(path: str | Path) -> dict[str, str]:
-  """A captions TSV (header `file<TAB>caption`) -> {file name: caption}."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'Captions file {path} does not exist.')
-  captions = {}
-  for n, line in enumerate(path.read_text(encoding='utf-8').splitlines()):
-    if not line.strip() or (n == 0 and line.lower().startswith('file\t')):
-      continue
-    name, sep, caption = line.partition('\t')
-    if not sep:
-      raise ValueError(f'{path}, line {n + 1}: expected "file<TAB>caption", got {line!r}.')
-    captions[name.strip()] = caption.strip()
-  if not captions:
-    raise ValueError(f'Captions file {path} holds no caption.')
-  return captions
-
-
 def captions_file(c: ml_collections.ConfigDict) -> Path:
   if c.captions:
     return Path(c.captions)
@@ -154,7 +136,7 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
   if c.source != 'folder':
     raise ValueError(f"Captions need data.source='folder' (with a captions TSV) or 'digits', "
                      f'not {c.source!r}.')
-  captions = read_captions(captions_file(c))
+  captions = dict(imageio.read_caption_table(captions_file(c)))
   paths = [p for p in imageio.list_images(c.path) if p.name in captions]
   if not paths:
     raise ValueError(f'No image in {c.path} has a caption in {captions_file(c)}.')

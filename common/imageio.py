@@ -153,6 +153,22 @@ def load_images(folder: str | os.PathLike,
   return np.stack(images), kept
 
 
+def read_caption_table(path: str | os.PathLike) -> list[tuple[str, str]]:
+  """(file, caption) rows of a TSV whose header names the columns `file` and `caption`."""
+  import csv  # pylint: disable=g-import-not-at-top
+  table = Path(path)
+  if not table.is_file():
+    raise FileNotFoundError(f'Captions file {table} not found (a TSV with columns file, caption).')
+  with open(table, newline='', encoding='utf-8') as f:
+    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+  header = [h.strip().lower() for h in rows[0]] if rows else []
+  if 'file' not in header or 'caption' not in header:
+    raise ValueError(f'{table}: expected a header row "file<TAB>caption", got {rows[:1]}.')
+  i_file, i_caption = header.index('file'), header.index('caption')
+  return [(row[i_file].strip(), row[i_caption] if i_caption < len(row) else '')
+          for row in rows[1:] if row and row[i_file].strip()]
+
+
 def to_uint8(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
   """Floats in `value_range` to uint8, clipping outside values."""
   lo, hi = value_range

@@ -42,11 +42,17 @@ def resume(workdir: Path, state, t) -> tuple[checkpoint.Checkpointer, Any, int]:
   return ckpt, state, start
 
 
-def jit_step(step_fn: Callable, mesh, donate: bool = True):
-  """jit(step_fn(state, batch) -> (state, metrics)): state replicated, batch split over devices."""
+def jit_step(step_fn: Callable, mesh, donate: bool = True, num_constants: int = 0):
+  """jit(step_fn(state, batch, *constants) -> (state, metrics)): state and constants
+  replicated, batch split over devices.
+
+  Constants (frozen weights: a VAE, LPIPS) are arguments rather than closed-over
+  values, so they are not baked into the compiled program as literals.
+  """
+  replicated = mesh_lib.replicated(mesh)
   return jax.jit(step_fn,
-                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)),
-                 out_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
+                 in_shardings=(replicated, mesh_lib.data_sharding(mesh)) + (replicated,) * num_constants,
+                 out_shardings=(replicated, replicated),
                  donate_argnums=0 if donate else ())
 
 
@@ -60,12 +66,14 @@ class Hook:
 def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
         ckpt: checkpoint.Checkpointer, writer, log_every: int, checkpoint_every: int,
         items_per_step: int = 0, start: int = 0, hooks: Sequence[Hook] = (),
-        scalars_fn: Callable[[int], dict] | None = None, name: str = 'train step'):
-  """Runs `state, metrics = step_fn(state, batch)` from `start` to `num_steps`.
+        scalars_fn: Callable[[int], dict] | None = None, name: str = 'train step',
+        constants: Sequence[Any] = ()):
+  """Runs `state, metrics = step_fn(state, batch, *constants)` from `start` to `num_steps`.
 
   `step_fn` is a jitted function whose state argument is donated; `batches`
   yields this process's rows of each global batch (a pytree of numpy arrays).
-  `scalars_fn(step)` adds host-side scalars (e.g. the learning rate) to the logs.
+  `scalars_fn(step)` adds host-side scalars (e.g. the learning rate) to the logs;
+  `constants` are the step's frozen extra arguments (see `jit_step`).
   Returns the final state. On SIGTERM it saves and returns early; rerunning
   the same command resumes.
   """
@@ -88,7 +96,7 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
     return state
   # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
   batch = mesh_lib.shard_batch(next(batches), mesh)
-  step_fn = step_fn.lower(state, batch).compile()
+  step_fn = step_fn.lower(state, batch, *constants).compile()
   mesh_lib.barrier(f'{name} compiled')
   progress.reset_timer(start)
 
@@ -96,7 +104,7 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
     while step < num_steps:
       if batch is None:
         batch = mesh_lib.shard_batch(next(batches), mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, *constants)
       batch = None
       pending.append(metrics)
       step += 1

@@ -22,7 +22,7 @@ from PIL import Image
 
 from common import checkpoint, imageio, mesh as mesh_lib
 from latent import conditions as conditions_lib
-from latent import train
+from latent import train, vae_train
 from latent.configs import ldm_base
 
 
@@ -92,8 +92,8 @@ def generate(config, workdir: str | Path) -> Path:
   if s.init_image:
     pictures = read_init_images(s.init_image, config.data.image_size)
     pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
-    mean, _ = jax.jit(stage1.moments)(stage1.params, pictures)
-    init_z0 = stage1.scale_factor * mean
+    init_z0 = vae_train.encode_images(stage1.model, stage1.params, stage1.scale_factor,
+                                      pictures, s.batch_size)  # Posterior means, scaled.
     strength = s.strength
     if s.mask:
       keep = np.broadcast_to(read_mask(s.mask, u.sample_size), (n, u.sample_size, u.sample_size, 1))

@@ -48,7 +48,7 @@ class Stage1:
 
   def decode(self, params, z0):
     """Scaled latents -> images in [-1, 1]."""
-    return self.model.apply({'params': params}, z0 / self.scale_factor, method=self.model.decode)
+    return vae_train.decode_latents(self.model, params, self.scale_factor, z0)
 
 
 def build_model(config: ml_collections.ConfigDict, conds: conditions_lib.Conditions,
@@ -84,7 +84,7 @@ def condition(model: LatentDenoiser, params, ids):
   return context, mask, null, null_mask
 
 
-def train_step(state, batch, *, config, model, schedule, tx, stage1, vae_params):
+def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1):
   """One step on a batch {'ids', and 'images' (uint8) or the cached 'mean'/'std' [B, 2, ...]}."""
   rng = jax.random.fold_in(state.rng, state.step)
   flip_rng, post_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 5)
@@ -217,8 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
   logs.log_parameter_overview(state.params, 'latent denoiser')
   vae_params = mesh_lib.replicate(stage1.params, mesh)
   step_fn = loop.jit_step(functools.partial(
-      train_step, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
-      vae_params=vae_params), mesh)
+      train_step, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh,
+                          num_constants=1)
 
   grid_fn = make_sample_fn(config, model, schedule, stage1)
   prompts = list(t.grid_prompts)
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
         checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
         hooks=[loop.Hook(t.sample_every, write_grid)],
         scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
-        name='latent train step')
+        name='latent train step', constants=(vae_params,))
   finally:
     ckpt.close()
     writer.flush()

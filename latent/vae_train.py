@@ -165,38 +165,12 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
                        opt_state=opt_state, disc_opt_state=disc_opt_state), metrics
 
 
-class _BindLast:
-  """`fn(state, batch, extra)` seen as `fn(state, batch)`, through .lower(...).compile() too.
-
-  loop.run compiles the step ahead with `step_fn.lower(state, batch).compile()`
-  and calls the result with (state, batch); this passes `extra` (the LPIPS
-  weights, replicated) as a real argument at each stage. Closing over it
-  instead would embed ~59 MB of constants in the compiled program.
-  """
-
-  def __init__(self, fn, extra):
-    self.fn, self.extra = fn, extra
-
-  def __call__(self, state, batch):
-    return self.fn(state, batch, self.extra)
-
-  def lower(self, state, batch):
-    return _BindLast(self.fn.lower(state, batch, self.extra), self.extra)
-
-  def compile(self):
-    return _BindLast(self.fn.compile(), self.extra)
-
-
-def make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params=None):
-  """The jitted step(state, batch); `lpips_params` (from load_lpips) are bound to it replicated."""
+def make_train_step(config, model, disc, tx, disc_tx, mesh, with_lpips: bool = False):
+  """The jitted step(state, batch[, lpips_params]): the LPIPS weights (from load_lpips) are a
+  replicated argument, not ~59 MB of constants compiled into the program."""
   step = functools.partial(train_step, config=config, model=model, disc=disc, tx=tx,
                            disc_tx=disc_tx)
-  if lpips_params is None:
-    return loop.jit_step(step, mesh)
-  replicated = mesh_lib.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(replicated, mesh_lib.data_sharding(mesh), replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
-  return _BindLast(jitted, mesh_lib.replicate(lpips_params, mesh))
+  return loop.jit_step(step, mesh, num_constants=int(with_lpips))
 
 
 def load_lpips(config):
@@ -345,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = logs.make_writer(workdir)
   logs.log_parameter_overview(state.params, 'Autoencoder')
   logs.log_parameter_overview(state.disc_params, 'Discriminator')
-  step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params)
+  step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params is not None)
   learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
 
   def evaluate(step, state):
@@ -367,7 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
         hooks=[loop.Hook(t.eval_every, evaluate)],
-        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))})
+        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
+        constants=() if lpips_params is None else (mesh_lib.replicate(lpips_params, mesh),))
     # Recompute when this call trained (the old factor, if any, is stale) or none is stored.
     if int(state.step) == t.num_steps and (start < t.num_steps or not float(state.scale_factor) > 0):
       state = _store_scale_factor(state, model, train_images, config, ckpt, writer)

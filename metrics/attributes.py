@@ -143,30 +143,20 @@ def read_captions(folder: str | os.PathLike,
   """
   folder = Path(folder)
   table = Path(captions) if captions is not None else folder / 'captions.tsv'
-  if not table.is_file():
-    raise FileNotFoundError(f'Captions file {table} not found (a TSV with columns file, caption).')
+  rows = imageio.read_caption_table(table)
   images = imageio.list_images(folder)
   by_relpath = {p.relative_to(folder).as_posix(): p for p in images}
   by_name: dict[str, Path | None] = {}
   for p in images:
     by_name[p.name] = None if p.name in by_name else p  # None: ambiguous name.
-  with open(table, newline='', encoding='utf-8') as f:
-    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
-  header = [h.strip().lower() for h in rows[0]] if rows else []
-  if 'file' not in header or 'caption' not in header:
-    raise ValueError(f'{table}: expected a header row "file<TAB>caption", got {rows[:1]}.')
-  i_file, i_caption = header.index('file'), header.index('caption')
   paths, texts, missing = [], [], []
-  for row in rows[1:]:
-    if not row or not row[i_file].strip():
-      continue
-    name = row[i_file].strip()
+  for name, caption in rows:
     path = by_relpath.get(Path(name).as_posix()) or by_name.get(Path(name).name)
     if path is None:
       missing.append(name)
       continue
     paths.append(path)
-    texts.append(row[i_caption] if i_caption < len(row) else '')
+    texts.append(caption)
   if missing:
     raise FileNotFoundError(f'{table}: {len(missing)} captioned file(s) not found (or not '
                             f'unique) below {folder}, e.g. {missing[:3]}.')
