@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from common import mesh as mesh_lib
+from common.errors import MissingFileError
 
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
@@ -98,7 +99,7 @@ class Checkpointer:
 def restore_latest(workdir: str | Path, target: Any, how_to_train: str) -> Any:
   """The latest checkpoint of another run's workdir, read-only (sampling, stage 2).
 
-  Raises FileNotFoundError naming the workdir and `how_to_train` when there is none.
+  Raises MissingFileError (a FileNotFoundError) naming the workdir and `how_to_train` when there is none.
   """
   ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / 'checkpoints').is_dir() else None
   try:
@@ -107,7 +108,7 @@ def restore_latest(workdir: str | Path, target: Any, how_to_train: str) -> Any:
     if ckpt:
       ckpt.close()
   if state is None:
-    raise FileNotFoundError(f'No checkpoint in {Path(workdir) / "checkpoints"}: {how_to_train}')
+    raise MissingFileError(f'No checkpoint in {Path(workdir) / "checkpoints"}: {how_to_train}')
   return state
 
 

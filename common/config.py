@@ -7,9 +7,12 @@ devices, and each message names the offending key.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import difflib
+from typing import Any, Iterable, Mapping
 
 import ml_collections
+
+from common.errors import ConfigError, UnknownKeyError
 
 
 def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -18,8 +21,10 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
   for key, value in config.items():
     name = f'{prefix}.{key}'
     if key not in reference:
-      raise KeyError(
-          f'Unknown config key {name!r}; valid keys here: {", ".join(sorted(reference.keys()))}.')
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1, cutoff=0.6)
+      hint = f' (did you mean {prefix}.{close[0]}?)' if close else ''
+      raise UnknownKeyError(f'Unknown config key {name!r}{hint}; valid keys here: '
+                            f'{", ".join(sorted(reference.keys()))}.')
     ref = reference[key]
     if isinstance(value, ml_collections.ConfigDict) and isinstance(ref, ml_collections.ConfigDict):
       check_keys(value, ref, name)
@@ -28,22 +33,31 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
 def check_choice(value: Any, choices: Iterable[Any], name: str) -> None:
   choices = tuple(choices)
   if value not in choices:
-    raise ValueError(f'{name}={value!r} is not one of {", ".join(map(repr, choices))}.')
+    raise ConfigError(f'{name}={value!r} is not one of {", ".join(map(repr, choices))}.')
 
 
 def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
   ok = value >= 0 if allow_zero else value > 0
   if not ok:
-    raise ValueError(f'{name} must be {">= 0" if allow_zero else "> 0"}, got {value!r}.')
+    raise ConfigError(f'{name} must be {">= 0" if allow_zero else "> 0"}, got {value!r}.')
 
 
 def check_range(value: float, lo: float, hi: float, name: str) -> None:
   if not lo <= value <= hi:
-    raise ValueError(f'{name} must be in [{lo}, {hi}], got {value!r}.')
+    raise ConfigError(f'{name} must be in [{lo}, {hi}], got {value!r}.')
 
 
 def check_power_of_two(value: int, name: str) -> None:
   if value < 1 or value & (value - 1):
-    raise ValueError(f'{name} must be a power of two, got {value!r}.')
+    raise ConfigError(f'{name} must be a power of two, got {value!r}.')
 
 
+def flatten(config: Mapping, prefix: str = '') -> dict[str, Any]:
+  """{'train.num_steps': 5, ...}: the leaves of a (nested) config or dict by dotted path."""
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, 'items'):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from common import config as config_lib
+from common.errors import ConfigError, DataError, MissingFileError
 from common import imageio
 
 SOURCES = ('folder', 'digits', 'tfds')
@@ -51,11 +52,11 @@ def validate(c: ml_collections.ConfigDict, prefix: str = 'data') -> None:
   config_lib.check_choice(c.source, SOURCES, f'{prefix}.source')
   config_lib.check_positive(c.image_size, f'{prefix}.image_size')
   if c.max_images < 0:
-    raise ValueError(f'{prefix}.max_images must be >= 0 (0 = all), got {c.max_images}.')
+    raise ConfigError(f'{prefix}.max_images must be >= 0 (0 = all), got {c.max_images}.')
   if c.source == 'folder' and not c.path:
-    raise ValueError(f"{prefix}.path must name an image folder when {prefix}.source='folder'.")
+    raise ConfigError(f"{prefix}.path must name an image folder when {prefix}.source='folder'.")
   if c.source == 'tfds' and not c.tfds_name:
-    raise ValueError(f"{prefix}.tfds_name must be set when {prefix}.source='tfds'.")
+    raise ConfigError(f"{prefix}.tfds_name must be set when {prefix}.source='tfds'.")
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
@@ -80,7 +81,7 @@ def _load_tfds(c: ml_collections.ConfigDict) -> np.ndarray:
     ds = tfds.load(c.tfds_name, split=c.tfds_split, data_dir=c.tfds_data_dir or None,
                    download=False, batch_size=-1)
   except Exception as e:  # tfds raises several types for "not prepared".
-    raise FileNotFoundError(
+    raise MissingFileError(
         f'TFDS dataset {c.tfds_name!r} (split {c.tfds_split!r}) is not prepared in '
         f'{c.tfds_data_dir or "the default TFDS data dir (~/tensorflow_datasets)"}. '
         f'Prepare it on a machine with network access with `tfds build {c.tfds_name} '
@@ -96,20 +97,25 @@ def load_dataset(c: ml_collections.ConfigDict) -> np.ndarray:
   validate(c)
   max_images = c.max_images or None
   if c.source == 'folder':
-    images, _ = imageio.load_images(
-        c.path, size=c.image_size if c.resize else None, max_images=max_images,
-        center_crop=c.center_crop, progress=jax.process_index() == 0)
+    try:
+      images, _ = imageio.load_images(
+          c.path, size=c.image_size if c.resize else None, max_images=max_images,
+          center_crop=c.center_crop, progress=jax.process_index() == 0)
+    except imageio.MixedSizesError as e:
+      raise DataError(f'{e} Pass --config.data.resize=True to resize them to '
+                      f'data.image_size={c.image_size}.') from None
     if images.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(
+      raise DataError(
           f'Images in {c.path} are {images.shape[1]}x{images.shape[2]} but the config '
-          f'says data.image_size={c.image_size}; set data.image_size to match or '
-          'data.resize=True.')
+          f'says data.image_size={c.image_size}: pass --config.data.image_size='
+          f'{images.shape[1]} or --config.data.resize=True.')
   elif c.source == 'digits':
     images = _load_digits(c.image_size)[:max_images]
   else:
     images = _load_tfds(c)[:max_images]
-  logging.info('Loaded %d images of %s from %s %s.', len(images), images.shape[1:],
-               c.source, c.path or c.tfds_name)
+  where = {'folder': c.path, 'tfds': f'TFDS {c.tfds_name}'}.get(c.source, 'the built-in digits')
+  logging.info('Loaded %d images of %dx%d from %s.', len(images), images.shape[1],
+               images.shape[2], where)
   return images
 
 
@@ -122,7 +128,7 @@ def captions_file(c: ml_collections.ConfigDict) -> Path:
   for candidate in (Path(c.path) / 'captions.tsv', Path(c.path).parent / 'captions.tsv'):
     if candidate.is_file():
       return candidate
-  raise FileNotFoundError(
+  raise MissingFileError(
       f'No captions.tsv in {c.path} or its parent; set data.captions to the captions file.')
 
 
@@ -134,12 +140,12 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
     labels = load_digits().target[:c.max_images or None]
     return _load_digits(c.image_size)[:len(labels)], [f'digit {DIGIT_NAMES[i]}' for i in labels]
   if c.source != 'folder':
-    raise ValueError(f"Captions need data.source='folder' (with a captions TSV) or 'digits', "
+    raise ConfigError(f"Captions need data.source='folder' (with a captions TSV) or 'digits', "
                      f'not {c.source!r}.')
   captions = dict(imageio.read_caption_table(captions_file(c)))
   paths = [p for p in imageio.list_images(c.path) if p.name in captions]
   if not paths:
-    raise ValueError(f'No image in {c.path} has a caption in {captions_file(c)}.')
+    raise DataError(f'No image in {c.path} has a caption in {captions_file(c)}.')
   paths = paths[:c.max_images or None]
   images, kept = [], []
   for path, img in imageio.iter_images(paths, c.image_size if c.resize else None,
@@ -151,8 +157,9 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
     raise imageio.NoImagesError(f'None of the captioned images in {c.path} could be read.')
   images = np.stack(images)
   if images.shape[1:3] != (c.image_size, c.image_size):
-    raise ValueError(f'Images in {c.path} are {images.shape[1]}x{images.shape[2]} but the '
-                     f'config says data.image_size={c.image_size}; set data.resize=True.')
+    raise DataError(f'Images in {c.path} are {images.shape[1]}x{images.shape[2]} but the '
+                    f'config says data.image_size={c.image_size}: pass '
+                    '--config.data.resize=True.')
   logging.info('Loaded %d captioned images from %s.', len(images), c.path)
   return images, kept
 
@@ -173,7 +180,7 @@ class BatchIterator:
     self.step = step
     n_proc = jax.process_count()
     if global_batch_size % n_proc:
-      raise ValueError(f'batch_size={global_batch_size} does not divide over {n_proc} processes.')
+      raise ConfigError(f'batch_size={global_batch_size} does not divide over {n_proc} processes.')
     self.local_batch_size = global_batch_size // n_proc
     self._perm_cache: dict[int, np.ndarray] = {}
 

@@ -17,6 +17,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
+from common.errors import DataError, MissingFileError, UserError
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
 _RESAMPLE = {
@@ -31,17 +33,25 @@ _RESAMPLE = {
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class NoImagesError(ValueError):
+class NoImagesError(DataError):
   """A folder holds no (readable) image."""
+
+
+class NotAFolderError(UserError, NotADirectoryError):
+  """A path that should be a folder of images is a file."""
+
+
+class MixedSizesError(DataError):
+  """A folder's images differ in size and no size to resize them to was given."""
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
   """All image files below `folder` (recursive), sorted for determinism."""
   folder = Path(folder)
   if not folder.exists():
-    raise FileNotFoundError(f'Image folder {folder} does not exist.')
+    raise MissingFileError(f'Image folder {folder} does not exist.')
   if not folder.is_dir():
-    raise NotADirectoryError(f'{folder} is not a folder of images.')
+    raise NotAFolderError(f'{folder} is not a folder of images.')
   paths = sorted(
       p for p in folder.rglob('*')
       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -137,10 +147,9 @@ def load_images(folder: str | os.PathLike,
       skipped.append(path)
       continue
     if images and img.shape != images[0].shape:
-      raise ValueError(
+      raise MixedSizesError(
           f'Images in {folder} have different sizes ({kept[0].name}: '
-          f'{images[0].shape[:2]}, {path.name}: {img.shape[:2]}); '
-          'pass a size to resize them.')
+          f'{images[0].shape[:2]}, {path.name}: {img.shape[:2]}).')
     images.append(img)
     kept.append(path)
   if skipped:
@@ -158,12 +167,12 @@ def read_caption_table(path: str | os.PathLike) -> list[tuple[str, str]]:
   import csv  # pylint: disable=g-import-not-at-top
   table = Path(path)
   if not table.is_file():
-    raise FileNotFoundError(f'Captions file {table} not found (a TSV with columns file, caption).')
+    raise MissingFileError(f'Captions file {table} not found (a TSV with columns file, caption).')
   with open(table, newline='', encoding='utf-8') as f:
     rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
   header = [h.strip().lower() for h in rows[0]] if rows else []
   if 'file' not in header or 'caption' not in header:
-    raise ValueError(f'{table}: expected a header row "file<TAB>caption", got {rows[:1]}.')
+    raise DataError(f'{table}: expected a header row "file<TAB>caption", got {rows[:1]}.')
   i_file, i_caption = header.index('file'), header.index('caption')
   return [(row[i_file].strip(), row[i_caption] if i_caption < len(row) else '')
           for row in rows[1:] if row and row[i_file].strip()]

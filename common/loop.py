@@ -18,15 +18,55 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from common import checkpoint, logs, mesh as mesh_lib
+from common import checkpoint, errors, logs, mesh as mesh_lib
+from common import config as config_lib
 
 
-def prepare_workdir(config, workdir: str | Path) -> Path:
-  """Creates the workdir and records the config there (read back by sampling and stage 2)."""
+def _as_json(config) -> dict:
+  """The config as config.json holds it (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def check_workdir(config, workdir: str | Path, run_keys: Sequence[str]) -> None:
+  """Refuses to resume a workdir's run with settings that make its checkpoints meaningless.
+
+  Call before anything is written. If `workdir` holds a run (checkpoints and
+  the config.json of the run that wrote them), every key under `run_keys`
+  (prefixes: 'model' covers 'model.*') must be unchanged: otherwise a
+  WorkdirError lists the differences. Other changes (more steps, logging,
+  learning rate) are allowed and logged.
+  """
+  workdir = Path(workdir)
+  record = workdir / 'config.json'
+  if not (record.is_file() and any((workdir / 'checkpoints').glob('[0-9]*'))):
+    return
+  old = config_lib.flatten(json.loads(record.read_text()))
+  new = config_lib.flatten(_as_json(config))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k, '<unset>') != new.get(k, '<unset>'))
+  fixed = [k for k in changed if any(k == p or k.startswith(p + '.') for p in run_keys)]
+  describe = lambda ks: ', '.join(f'{k} {old.get(k, "<unset>")!r} -> {new.get(k, "<unset>")!r}'
+                                  for k in ks)
+  if fixed:
+    raise errors.WorkdirError(
+        f'{workdir} holds a run with other settings: {describe(fixed)}. Its checkpoints do '
+        'not fit this config: use a new --workdir, or the run\'s own values.')
+  if changed:
+    logging.info('Resuming %s with changed settings: %s.', workdir, describe(changed))
+
+
+def record_config(config, workdir: str | Path) -> Path:
+  """Writes WORKDIR/config.json (read back by sampling and stage 2).
+
+  Call once the config, the data and any existing checkpoint have all been
+  checked, so a run that fails early never rewrites the record of a good one.
+  """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    tmp = workdir / 'config.json.tmp'
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    tmp.replace(workdir / 'config.json')  # Atomic: a kill never leaves half a record.
   return workdir
 
 
@@ -58,9 +98,14 @@ def jit_step(step_fn: Callable, mesh, donate: bool = True, num_constants: int = 
 
 @dataclasses.dataclass
 class Hook:
-  """`fn(step, state)` every `every` steps and at the last step (every=0: never)."""
+  """`fn(step, state)` every `every` steps and at the last step (every=0: never).
+
+  `what` (e.g. 'sampling the EMA grid') is logged with the time it took: hooks can run
+  for a while (their first call compiles), and the console should say why it is quiet.
+  """
   every: int
   fn: Callable[[int, Any], None]
+  what: str = ''
 
 
 def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
@@ -96,7 +141,8 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
     return state
   # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
   batch = mesh_lib.shard_batch(next(batches), mesh)
-  step_fn = step_fn.lower(state, batch, *constants).compile()
+  with logs.Timed(f'compiling the {name}'):
+    step_fn = step_fn.lower(state, batch, *constants).compile()
   mesh_lib.barrier(f'{name} compiled')
   progress.reset_timer(start)
 
@@ -121,7 +167,8 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
       ran_hook = False
       for hook in hooks:
         if hook.every and (step % hook.every == 0 or last):
-          hook.fn(step, state)
+          with logs.Timed(f'{hook.what or hook.fn.__name__} at step {step}'):
+            hook.fn(step, state)
           ran_hook = True
       if ran_hook:
         progress.reset_timer(step)

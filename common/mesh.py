@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from common.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -54,7 +56,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = 'batch_size
   """Returns the per-process batch size, or a clear error if it does not divide."""
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(
+    raise ConfigError(
         f'{name}={global_batch_size} is not divisible by the {n} devices of the mesh.')
   return global_batch_size // jax.process_count()
 

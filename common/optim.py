@@ -8,6 +8,7 @@ import ml_collections
 import optax
 
 from common import config as config_lib
+from common.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine')
@@ -37,7 +38,7 @@ def validate(c: ml_collections.ConfigDict, prefix: str = 'optim') -> None:
   config_lib.check_range(c.b1, 0.0, 1.0, f'{prefix}.b1')
   config_lib.check_range(c.b2, 0.0, 1.0, f'{prefix}.b2')
   if c.weight_decay and c.name != 'adamw':
-    raise ValueError(f"{prefix}.weight_decay={c.weight_decay} needs {prefix}.name='adamw'.")
+    raise ConfigError(f"{prefix}.weight_decay={c.weight_decay} needs {prefix}.name='adamw'.")
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

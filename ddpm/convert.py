@@ -18,6 +18,7 @@ from pathlib import Path
 import flax
 import numpy as np
 
+from common import errors
 from ddpm import models
 
 
@@ -69,7 +70,7 @@ def load_diffusers_unet(folder: str | Path, reference_params) -> dict:
   folder = Path(folder)
   weights = folder / 'diffusion_pytorch_model.safetensors'
   if not weights.exists():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'{weights} not found: expected a diffusers UNet2DModel folder written by '
         'save_pretrained() (config.json + diffusion_pytorch_model.safetensors). Download it '
         'on a machine with network access (e.g. huggingface-cli download google/ddpm-cifar10-32 '

@@ -14,7 +14,7 @@ import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from common import checkpoint, imageio, mesh as mesh_lib
+from common import checkpoint, imageio, logs, mesh as mesh_lib
 from ddpm import train
 from ddpm.configs import default as default_config
 
@@ -45,13 +45,15 @@ def generate(config, workdir: str | Path) -> Path:
   sample_fn = train.make_sample_fn(config, model, schedule)
   batch = math.ceil(min(s.batch_size, s.num_images) / mesh.devices.size) * mesh.devices.size
   rng = jax.random.PRNGKey(s.seed)
+  noise = lambda key: jax.device_put(train.noise_like_batch(key, batch, config),
+                                     mesh_lib.data_sharding(mesh))
+  with logs.Timed(f'compiling the {s.sampler} sampler ({_steps(config)} steps)'):
+    sample_fn = sample_fn.lower(params, rng, noise(rng)).compile()
   written, start = 0, time.perf_counter()
   with tqdm.tqdm(total=s.num_images, desc=f'{s.sampler} x{_steps(config)}', unit='img') as bar:
     while written < s.num_images:
       rng, noise_rng, step_rng = jax.random.split(rng, 3)
-      x_T = jax.device_put(train.noise_like_batch(noise_rng, batch, config),
-                           mesh_lib.data_sharding(mesh))
-      x = imageio.to_uint8(mesh_lib.gather(sample_fn(params, step_rng, x_T)))
+      x = imageio.to_uint8(mesh_lib.gather(sample_fn(params, step_rng, noise(noise_rng))))
       x = x[:s.num_images - written]
       if jax.process_index() == 0:
         imageio.write_numbered(x, out, start=written + 1)
@@ -60,8 +62,8 @@ def generate(config, workdir: str | Path) -> Path:
       written += len(x)
       bar.update(len(x))
   elapsed = time.perf_counter() - start
-  logging.info('Wrote %d images to %s in %.1f s (%.2f img/s, compile included).',
-               written, out, elapsed, written / elapsed)
+  logging.info('Wrote %d images to %s/1.jpg ... in %.1f s (%.2f img/s); grid: %s.',
+               written, out, elapsed, written / elapsed, out.parent / f'{out.name}_grid.png')
   if s.progressive:  # Every process computes (params are global arrays); process 0 writes.
     progressive_figure(config, model, params, schedule, out.parent / f'{out.name}_progressive.png')
   return out

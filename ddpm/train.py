@@ -124,18 +124,20 @@ def noise_like_batch(rng, n: int, config) -> jnp.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's last checkpoint) and returns the final state."""
   default_config.validate(config)
-  workdir = loop.prepare_workdir(config, workdir)
+  loop.check_workdir(config, workdir, default_config.RUN_KEYS)
 
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
   images = data.load_dataset(config.data)
 
   model, schedule, tx = build_model(config), build_schedule(config), make_optimizer(config)
-  ckpt, state, start = loop.resume(workdir, create_train_state(config, model, tx, mesh),
-                                   config.train)
+  with logs.Timed('initialising the U-Net'):
+    ckpt, state, start = loop.resume(workdir, create_train_state(config, model, tx, mesh),
+                                     config.train)
+  workdir = loop.record_config(config, workdir)  # Only now: everything above has been checked.
 
   writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'U-Net')
+  logs.log_parameter_overview(state.params, 'U-Net', workdir)
   step_fn = make_train_step(config, model, schedule, tx, mesh)
   grid_fn = make_sample_fn(config, model, schedule) if config.train.sample_every else None
   grid_noise = noise_like_batch(jax.random.PRNGKey(config.seed + 1),
@@ -156,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, step_fn, data.BatchIterator(images, t.batch_size, seed=config.seed, step=start),
         mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.sample_every, write_grid)],
+        hooks=[loop.Hook(t.sample_every, write_grid, 'sampling the EMA grid')],
         scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))})
   finally:
     ckpt.close()

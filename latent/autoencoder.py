@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import errors
 from ddpm import convert
 from ddpm.models import AttentionBlock, Downsample, ResnetBlock, Upsample
+
 
 Dtype = Any
 
@@ -220,7 +222,7 @@ def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
   folder = Path(folder)
   weights = folder / 'diffusion_pytorch_model.safetensors'
   if not (folder / 'config.json').exists() or not weights.exists():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'{folder} is not a diffusers AutoencoderKL folder: expected config.json and '
         'diffusion_pytorch_model.safetensors, as written by save_pretrained(). Download one on '
         'a machine with network access, e.g. huggingface-cli download stabilityai/sd-vae-ft-mse, '
@@ -229,7 +231,7 @@ def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
   unsupported = {k: cfg[k] for k in ('use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention')
                  if cfg.get(k) is False}
   if set(cfg.get('down_block_types', ())) - {'DownEncoderBlock2D'} or unsupported:
-    raise ValueError(f'{folder}/config.json describes an AutoencoderKL variant this port does '
+    raise errors.ConfigError(f'{folder}/config.json describes an AutoencoderKL variant this port does '
                      f'not have: {cfg.get("down_block_types")} {unsupported}.')
   model = AutoencoderKL(block_out_channels=tuple(cfg['block_out_channels']),
                         layers_per_block=cfg['layers_per_block'],

@@ -16,8 +16,10 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from common import errors
 from latent import text as text_lib
 from latent import unet as unet_lib
+
 
 FILENAME = 'conditioning.json'
 
@@ -73,7 +75,7 @@ class Conditions:
     labels = [class_of(c, self.class_names, self.scope_word) for c in captions]
     keep = np.array([l is not None for l in labels])
     if not keep.any():
-      raise ValueError(f'No caption names exactly one of the classes {self.class_names}'
+      raise errors.DataError(f'No caption names exactly one of the classes {self.class_names}'
                        f'{" before " + repr(self.scope_word) if self.scope_word else ""}.')
     if not keep.all():
       logging.warning('Class conditioning: %d of %d captions name no single class and are left '
@@ -95,7 +97,7 @@ class Conditions:
       name = p.strip().lower() if p.strip().lower() in self.class_names else class_of(
           p, self.class_names, self.scope_word)
       if name is None:
-        raise ValueError(f'Unknown class in prompt {p!r}; the classes are: '
+        raise errors.ConfigError(f'Unknown class in prompt {p!r}; the classes are: '
                          f'{", ".join(self.class_names)}.')
       ids.append(self.class_names.index(name))
     return np.array(ids, np.int32)[:, None]
@@ -117,7 +119,7 @@ class Conditions:
   def load(cls, workdir: str | Path) -> 'Conditions':
     path = Path(workdir) / FILENAME
     if not path.is_file():
-      raise FileNotFoundError(f'{path} is missing: {workdir} is not a stage-2 workdir, or its '
+      raise errors.MissingFileError(f'{path} is missing: {workdir} is not a stage-2 workdir, or its '
                               'training never started.')
     d = json.loads(path.read_text())
     tokenizer = text_lib.Tokenizer(d['vocab'], d['max_length']) if d['kind'] == 'text' else None

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from common import errors
+
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 CONVERT_COMMAND = 'python -m latent.lpips convert --vgg vgg16-397923af.pth --lin vgg.pth --out {out}'
 
@@ -165,7 +167,7 @@ def check_params(flat: dict[str, np.ndarray], source: str | os.PathLike) -> dict
       # "distance" reward differences, and a loss built on it push images apart.
       problems.append(f'{key} has negative weights (LPIPS heads are non-negative)')
   if problems:
-    raise ValueError(f'{source} is not an LPIPS-VGG weights file: {"; ".join(problems)}. Make '
+    raise errors.DataError(f'{source} is not an LPIPS-VGG weights file: {"; ".join(problems)}. Make '
                      f'one with: {convert_command(source)}')
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
@@ -180,7 +182,7 @@ def load_params(path: str | os.PathLike):
   """The LPIPS parameter tree (numpy float32) from a converted .npz, checked key by key."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'No LPIPS weights file {path}. Make it with: {convert_command(path)}')
+    raise errors.MissingFileError(f'No LPIPS weights file {path}. Make it with: {convert_command(path)}')
   with np.load(path) as npz:
     flat = {k: npz[k] for k in npz.files}
   return traverse_util.unflatten_dict(check_params(flat, path), sep='.')
@@ -199,18 +201,18 @@ def bundled_lin_weights() -> Path:
   """
   spec = importlib.util.find_spec('lpips')
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('--lin was left out and the `lpips` package is not installed: pass '
+    raise errors.MissingFileError('--lin was left out and the `lpips` package is not installed: pass '
                             '--lin PATH/TO/lpips/weights/v0.1/vgg.pth or `pip install lpips`.')
   path = Path(list(spec.submodule_search_locations)[0]) / 'weights' / 'v0.1' / 'vgg.pth'
   if not path.is_file():
-    raise FileNotFoundError(f'The installed lpips package has no {path}: pass --lin.')
+    raise errors.MissingFileError(f'The installed lpips package has no {path}: pass --lin.')
   return path
 
 
 def _torch_load(path) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top  # Only the converter needs torch.
   if not Path(path).is_file():
-    raise FileNotFoundError(f'No such file: {path}')
+    raise errors.MissingFileError(f'No such file: {path}')
   # weights_only: never unpickle code from a downloaded file. The lpips wheel's vgg.pth holds
   # CUDA tensors: map them to the CPU.
   state = torch.load(path, map_location='cpu', weights_only=True)

@@ -9,7 +9,7 @@ A config's `stage` picks what runs:
 Both resume from DIR's last checkpoint; any value can be overridden with --config.KEY=VALUE.
 """
 
-from common import launch
+from common import errors, launch
 from latent import sample, train, vae_train
 from latent.configs import ldm_base, vae_base
 
@@ -21,7 +21,7 @@ def validate(config):
   elif stage == 'ldm':
     ldm_base.validate(config)
   else:
-    raise ValueError(f"config.stage={stage!r} is not one of 'vae', 'ldm'.")
+    raise errors.ConfigError(f"config.stage={stage!r} is not one of 'vae', 'ldm'.")
 
 
 def train_either(config, workdir):
@@ -32,7 +32,7 @@ def train_either(config, workdir):
 
 def sample_ldm(config, workdir):
   if config.stage != 'ldm':
-    raise ValueError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
+    raise errors.ConfigError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
                      'reconstructions to WORKDIR/reconstructions while it trains.')
   return sample.generate(config, workdir)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from common import checkpoint, imageio, mesh as mesh_lib
+from common import checkpoint, errors, imageio, logs, mesh as mesh_lib
 from latent import conditions as conditions_lib
 from latent import train, vae_train
 from latent.configs import ldm_base
@@ -44,10 +44,10 @@ def read_prompts(s) -> list[str]:
   if s.prompt_file:
     path = Path(s.prompt_file)
     if not path.is_file():
-      raise FileNotFoundError(f'sample.prompt_file {path} does not exist.')
+      raise errors.MissingFileError(f'sample.prompt_file {path} does not exist.')
     prompts = [l.strip() for l in path.read_text(encoding='utf-8').splitlines() if l.strip()]
     if not prompts:
-      raise ValueError(f'sample.prompt_file {path} holds no prompt.')
+      raise errors.DataError(f'sample.prompt_file {path} holds no prompt.')
     return prompts
   return [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
 
@@ -58,7 +58,7 @@ def read_init_images(path: str | Path, size: int) -> np.ndarray:
   if path.is_dir():
     return imageio.load_images(path, size=size)[0]
   if not path.is_file():
-    raise FileNotFoundError(f'sample.init_image {path} does not exist.')
+    raise errors.MissingFileError(f'sample.init_image {path} does not exist.')
   return imageio.read_image(path, size)[None]
 
 
@@ -70,7 +70,7 @@ def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'sample.mask {path} does not exist.')
+    raise errors.MissingFileError(f'sample.mask {path} does not exist.')
   with Image.open(path) as img:
     gray = img.convert('L').resize((latent_size, latent_size), Image.Resampling.BOX,
                                    reducing_gap=None)
@@ -102,14 +102,16 @@ def generate(config, workdir: str | Path) -> Path:
 
   rng = jax.random.PRNGKey(s.seed)
   images = []
-  for i in range(0, n, s.batch_size):
-    rng, noise_rng, step_rng = jax.random.split(rng, 3)
-    b = min(s.batch_size, n - i)
-    noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
-    part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
-    x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
-                  s.guidance_scale, part(init_z0), part(keep))
-    images.append(imageio.to_uint8(mesh_lib.gather(x)))
+  with logs.Timed(f'sampling {n} images for {len(prompts)} prompt(s) with {s.sampler} '
+                  '(the first batch compiles the sampler)'):
+    for i in range(0, n, s.batch_size):
+      rng, noise_rng, step_rng = jax.random.split(rng, 3)
+      b = min(s.batch_size, n - i)
+      noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
+      part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
+      x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
+                    s.guidance_scale, part(init_z0), part(keep))
+      images.append(imageio.to_uint8(mesh_lib.gather(x)))
   images = np.concatenate(images)
   if jax.process_index() == 0:
     files = imageio.write_numbered(images, out)

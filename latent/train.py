@@ -177,6 +177,7 @@ def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: 
     stds.append(np.stack([std[:len(chunk)], std[len(chunk):]], axis=1))
   cache = {'mean': np.concatenate(means), 'std': np.concatenate(stds)}
   if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)  # A fresh workdir is made here, first.
     tmp = path.with_suffix('.tmp.npz')
     np.savez(tmp, fingerprint=fingerprint, **cache)
     tmp.replace(path)  # Atomic: a killed run never leaves half a cache.
@@ -189,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
   ldm_base.validate(config)
   stage1 = Stage1(config.vae_workdir)  # Fails early, naming the workdir, if stage 1 is missing.
   ldm_base.validate(config, stage1.factor)
-  workdir = loop.prepare_workdir(config, workdir)
+  workdir = Path(workdir)
+  loop.check_workdir(config, workdir, ldm_base.RUN_KEYS)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
 
@@ -198,8 +200,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
     conds = conditions_lib.Conditions.load(workdir)  # Resuming: the vocabulary it trained with.
   else:
     conds = conditions_lib.Conditions.from_captions(config.conditioning, captions)
-    if jax.process_index() == 0:
-      conds.save(workdir)
   images, ids = build_dataset(conds, images, captions)
   t = config.train
   examples = {'ids': ids}
@@ -210,11 +210,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
 
   model = build_model(config, conds, stage1)
   schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
-  state = jax.jit(functools.partial(init_state, config, model, tx),
-                  out_shardings=mesh_lib.replicated(mesh))()
-  ckpt, state, start = loop.resume(workdir, state, t)
+  with logs.Timed('initialising the denoiser'):
+    state = jax.jit(functools.partial(init_state, config, model, tx),
+                    out_shardings=mesh_lib.replicated(mesh))()
+    ckpt, state, start = loop.resume(workdir, state, t)
+  loop.record_config(config, workdir)  # Only now: everything above has been checked.
+  if jax.process_index() == 0 and not (workdir / conditions_lib.FILENAME).is_file():
+    conds.save(workdir)
   writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'latent denoiser')
+  logs.log_parameter_overview(state.params, 'latent denoiser', workdir)
   vae_params = mesh_lib.replicate(stage1.params, mesh)
   step_fn = loop.jit_step(functools.partial(
       train_step, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh,
@@ -242,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_
         state, step_fn, data.BatchIterator(examples, t.batch_size, seed=config.seed, step=start),
         mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.sample_every, write_grid)],
+        hooks=[loop.Hook(t.sample_every, write_grid, 'sampling the prompt grid')],
         scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
         name='latent train step', constants=(vae_params,))
   finally:

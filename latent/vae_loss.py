@@ -25,7 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common import errors
 from latent import autoencoder, lpips
+
 
 REC_LOSSES = ('l1', 'l2', 'l1+l2')
 DISC_NORMS = ('group', 'none')
@@ -144,25 +146,25 @@ def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -
   (see latent/lpips.py); without them LPIPS is refused, never silently skipped.
   """
   if lpips_weight < 0:
-    raise ValueError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
+    raise errors.ConfigError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
   if lpips_weight == 0:
     return
   key = f'{prefix}.lpips_weights'
   if not lpips_weights:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{prefix}.lpips_weight={lpips_weight} needs {key}, the LPIPS-VGG weights (.npz), which '
         f'is empty. Make the file with: {lpips.convert_command()}, then set {key} to it (or '
         f'set {prefix}.lpips_weight=0).')
   if not os.path.isfile(lpips_weights):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'{key}={lpips_weights!r}: no such file (needed by {prefix}.lpips_weight={lpips_weight}). '
         f'Make it with: {lpips.convert_command(lpips_weights)}')
   try:
     keys = lpips.npz_keys(lpips_weights)
   except Exception as e:  # pylint: disable=broad-except  # Not a zip / not an .npz.
-    raise ValueError(f'{key}={lpips_weights!r} is not an .npz file ({e}). Make it with: '
+    raise errors.ConfigError(f'{key}={lpips_weights!r} is not an .npz file ({e}). Make it with: '
                      f'{lpips.convert_command(lpips_weights)}') from e
   missing = sorted(set(lpips.param_shapes()) - set(keys))
   if missing:
-    raise ValueError(f'{key}={lpips_weights!r} lacks the LPIPS-VGG arrays {missing}. Make it '
+    raise errors.ConfigError(f'{key}={lpips_weights!r} lacks the LPIPS-VGG arrays {missing}. Make it '
                      f'with: {lpips.convert_command(lpips_weights)}')

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import checkpoint, data, imageio, logs, loop, mesh as mesh_lib, optim
+from common import checkpoint, data, errors, imageio, logs, loop, mesh as mesh_lib, optim
 from latent import autoencoder, lpips, vae_loss
 from latent.configs import vae_base
 
@@ -281,7 +281,7 @@ def compute_scale_factor(model, params, images_uint8: np.ndarray, batch_size: in
   z = encode_images(model, params, 1.0, images_uint8, batch_size).astype(np.float64)
   std = float(np.std(z))
   if not math.isfinite(std) or std <= 0:
-    raise FloatingPointError(f'The latents have std {std}: cannot compute the scale factor.')
+    raise errors.TrainingDiverged(f'The latents have std {std}: cannot compute the scale factor.')
   return 1.0 / std
 
 
@@ -291,7 +291,7 @@ def split_eval(images: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
   """(train, eval): the last train.num_eval_images images are held out of training."""
   n = config.train.num_eval_images
   if n >= len(images):
-    raise ValueError(f'train.num_eval_images={n} leaves no training image: the data set has '
+    raise errors.ConfigError(f'train.num_eval_images={n} leaves no training image: the data set has '
                      f'{len(images)} images.')
   return images[:-n], images[-n:]
 
@@ -304,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   vae_base.validate(config)
   lpips_params = load_lpips(config)  # Before any compute: a bad file fails here, checked.
-  workdir = loop.prepare_workdir(config, workdir)  # config.json: what load_vae reads back.
+  workdir = Path(workdir)
+  loop.check_workdir(config, workdir, vae_base.RUN_KEYS)
 
   mesh = mesh_lib.make_mesh()
   t = config.train
@@ -313,12 +314,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model, disc = build_model(config), build_discriminator(config)
   tx, disc_tx = make_optimizers(config)
-  ckpt, state, start = loop.resume(
-      workdir, create_train_state(config, model, disc, tx, disc_tx, mesh), t)
+  with logs.Timed('initialising the autoencoder'):
+    ckpt, state, start = loop.resume(
+        workdir, create_train_state(config, model, disc, tx, disc_tx, mesh), t)
+  # config.json is what load_vae reads back: written only once everything above is checked.
+  loop.record_config(config, workdir)
 
   writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'Autoencoder')
-  logs.log_parameter_overview(state.disc_params, 'Discriminator')
+  logs.log_parameter_overview(state.params, 'Autoencoder', workdir)
+  logs.log_parameter_overview(state.disc_params, 'Discriminator', workdir)
   step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params is not None)
   learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
 
@@ -340,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                            step=start),
         mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
         checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.eval_every, evaluate)],
+        hooks=[loop.Hook(t.eval_every, evaluate, 'evaluating held-out reconstructions')],
         scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
         constants=() if lpips_params is None else (mesh_lib.replicate(lpips_params, mesh),))
     # Recompute when this call trained (the old factor, if any, is stale) or none is stored.
@@ -384,18 +388,18 @@ def load_vae(workdir: str | Path):
   config_file = workdir / 'config.json'
   how_to_train = f'train stage 1 first: {TRAIN_COMMAND.replace("...", str(workdir))}'
   if not config_file.exists():
-    raise FileNotFoundError(f'No stage-1 autoencoder in {workdir} (no config.json): '
+    raise errors.MissingFileError(f'No stage-1 autoencoder in {workdir} (no config.json): '
                             f'{how_to_train}')
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   if config.get('stage') != 'vae':
-    raise ValueError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
+    raise errors.ConfigError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
   model, disc = build_model(config), build_discriminator(config)
   tx, disc_tx = make_optimizers(config)
   state = checkpoint.restore_latest(
       workdir, jax.eval_shape(lambda: init_state(config, model, disc, tx, disc_tx)), how_to_train)
   scale_factor = float(state.scale_factor)
   if not scale_factor > 0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'The stage-1 run in {workdir} has no latent scale factor (it is computed at the last '
         f'step, {config.train.num_steps}; the checkpoint is at step {int(state.step)}): finish '
         f'it by rerunning {TRAIN_COMMAND.replace("...", str(workdir))} with its config.')

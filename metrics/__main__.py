@@ -1,9 +1,10 @@
-"""Command line: python -m metrics {fid,kid,afd,attributes,stats,hw6,convert-weights,
-download-weights}.
+"""Command line: python -m metrics {fid,kid,afd,diversity,attributes,stats,hw6,
+convert-weights,download-weights}.
 
   python -m metrics fid REAL FAKE            # folders or .npz statistics
   python -m metrics kid REAL FAKE
   python -m metrics afd FAKE --csv afd.csv
+  python -m metrics diversity REAL FAKE      # sample variety relative to the data
   python -m metrics attributes FAKE          # hair colour vs FAKE/captions.tsv
   python -m metrics stats FOLDER OUT.npz     # reference statistics, once
   python -m metrics hw6 REAL FAKE            # FID and AFD in one line
@@ -103,6 +104,16 @@ def _cmd_attributes(args) -> None:
     print(f'Per-image results: {args.csv}')
 
 
+def _cmd_diversity(args) -> None:
+  from common import imageio  # pylint: disable=g-import-not-at-top
+  from metrics import diversity  # pylint: disable=g-import-not-at-top
+  fake, _ = imageio.load_images(args.fake, max_images=args.max_images)
+  real, _ = imageio.load_images(args.real, size=fake.shape[1], max_images=args.max_images)
+  d_fake, d_real = diversity.pairwise_distance(fake), diversity.pairwise_distance(real)
+  print(f'Diversity: {d_fake / d_real:.4f} (mean pairwise RMS distance {d_fake:.4f} of '
+        f'{len(fake)} samples vs {d_real:.4f} of {len(real)} real images at {fake.shape[1]} px)')
+
+
 def _cmd_stats(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from metrics import fid  # pylint: disable=g-import-not-at-top
@@ -119,13 +130,21 @@ def _cmd_stats(args) -> None:
   print(f'Saved {args.dims}-d statistics of {stats.num_images} images to {path}')
 
 
-def _cmd_hw6(args) -> None:
-  from metrics import afd, fid  # pylint: disable=g-import-not-at-top
-  fid_value = fid.fid(args.real, args.fake, dims=2048, max_images=args.max_images,
-                      progress=not args.quiet, **_extractor_kwargs(args))
+def _cmd_hw6(args) -> int:
+  """AFD, then FID; without Inception weights, AFD alone with exit status 1 (partial)."""
+  from metrics import afd, fid, weights  # pylint: disable=g-import-not-at-top
   r = afd.afd(args.fake, detector=args.detector, csv_path=args.csv, max_images=args.max_images,
               progress=not args.quiet, **_detector_kwargs(args))
-  print(f'FID: {fid_value:.4f}  AFD: {r.rate:.4f} ({r.num_detected}/{r.num_images}, {r.detector})')
+  afd_text = f'AFD: {r.rate:.4f} ({r.num_detected}/{r.num_images}, {r.detector})'
+  try:
+    fid_value = fid.fid(args.real, args.fake, dims=2048, max_images=args.max_images,
+                        progress=not args.quiet, **_extractor_kwargs(args))
+  except weights.WeightsNotFoundError as e:
+    print(f'FID: skipped  {afd_text}')
+    print(f'error: FID skipped: {e}', file=sys.stderr)
+    return 1
+  print(f'FID: {fid_value:.4f}  {afd_text}')
+  return 0
 
 
 def _cmd_convert(args) -> None:
@@ -148,7 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('-q', '--quiet', action='store_true', help='No progress bars.')
   parser.add_argument('-v', '--verbose', action='store_true')
+  # -q/-v are also accepted after the subcommand; SUPPRESS keeps the top-level value otherwise.
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument('-q', '--quiet', action='store_true', default=argparse.SUPPRESS,
+                      help='No progress bars.')
+  common.add_argument('-v', '--verbose', action='store_true', default=argparse.SUPPRESS)
   sub = parser.add_subparsers(dest='command', required=True)
+  add_parser = sub.add_parser
+  sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[common], **kw)
 
   p = sub.add_parser('fid', help='FID between two folders / .npz statistics.')
   p.add_argument('real')
@@ -178,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--csv', default=None,
                  help='Write per-image file, target, detected colour, hair RGB, likelihood.')
   p.set_defaults(func=_cmd_attributes)
+
+  p = sub.add_parser('diversity', help='Mean pairwise distance of FAKE relative to REAL '
+                     '(1 = as varied as the data, 0 = collapsed).')
+  p.add_argument('real')
+  p.add_argument('fake')
+  p.add_argument('--max-images', type=int, default=1000, help='First N images of each.')
+  p.set_defaults(func=_cmd_diversity)
 
   p = sub.add_parser('stats', help="Save a folder's FID statistics (pytorch-fid .npz).")
   p.add_argument('folder')
@@ -209,15 +242,14 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format='%(levelname)s: %(message)s')
-  from common.imageio import NoImagesError  # pylint: disable=g-import-not-at-top
+  from common.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
-    args.func(args)
-  except (FileNotFoundError, FileExistsError, NotADirectoryError, NoImagesError,
-          ImportError, ValueError, RuntimeError) as e:
+    return args.func(args) or 0
+  except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+          ValueError, RuntimeError) as e:
     # Expected failures (missing folder/weights, broken detector): message, no traceback.
     print(f'error: {e}', file=sys.stderr)
     return 2
-  return 0
 
 
 if __name__ == '__main__':

@@ -224,11 +224,12 @@ def afd(source, detector='animeface', csv_path: str | os.PathLike | None = None,
   if check:
     self_check(detector)
   names, items = _as_pil_items(source, max_images)
-  if progress:
+  pairs = zip(names, items)
+  if progress:  # Around the pairs, so the bar's last tick comes with the last image.
     import tqdm  # pylint: disable=g-import-not-at-top
-    items = tqdm.tqdm(items, total=len(names), desc=f'AFD ({detector.name})', unit='img')
+    pairs = tqdm.tqdm(pairs, total=len(names), desc=f'AFD ({detector.name})', unit='img')
   per_image, unreadable = [], 0
-  for name, img in zip(names, items):
+  for name, img in pairs:
     if img is None:
       unreadable += 1
       continue

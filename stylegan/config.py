@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import ml_collections
 
+from common import errors
 from common import config as config_lib
 from common import data as data_lib
 from stylegan import augment as augment_lib
 from stylegan import networks
 
 NOISE_MODES = networks.NOISE_MODES
+
+# Settings a run's checkpoints depend on (common.loop.check_workdir): resuming a
+# workdir with other values is an error.
+RUN_KEYS = ('data.image_size', 'model')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,7 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_power_of_two(m.resolution, 'model.resolution')
   config_lib.check_range(m.resolution, 32, 256, 'model.resolution')
   if config.data.image_size != m.resolution:
-    raise ValueError(
+    raise errors.ConfigError(
         f'data.image_size={config.data.image_size} differs from '
         f'model.resolution={m.resolution}; they must match.')
   for name in ('z_dim', 'w_dim', 'channel_base', 'channel_max', 'mbstd_group_size',
@@ -110,7 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   try:
     augment_lib.parse_policy(a.policy)
   except ValueError as e:
-    raise ValueError(f'augment.policy: {e}') from None
+    raise errors.ConfigError(f'augment.policy: {e}') from None
   config_lib.check_range(a.p, 0.0, 1.0, 'augment.p')
   config_lib.check_range(a.ada_target, 0.0, 1.0, 'augment.ada_target')
   config_lib.check_positive(a.ada_interval, 'augment.ada_interval')
@@ -122,10 +127,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive(t.ema_kimg, 'train.ema_kimg', allow_zero=True)
   config_lib.check_positive(t.ema_rampup, 'train.ema_rampup', allow_zero=True)
   if t.batch_size % m.mbstd_group_size:
-    raise ValueError(f'train.batch_size={t.batch_size} must be a multiple of '
+    raise errors.ConfigError(f'train.batch_size={t.batch_size} must be a multiple of '
                      f'model.mbstd_group_size={m.mbstd_group_size}.')
   if l.pl_weight > 0 and t.batch_size // l.pl_batch_shrink < 1:
-    raise ValueError(f'loss.pl_batch_shrink={l.pl_batch_shrink} leaves no path-length '
+    raise errors.ConfigError(f'loss.pl_batch_shrink={l.pl_batch_shrink} leaves no path-length '
                      f'batch from train.batch_size={t.batch_size}.')
   config_lib.check_range(s.psi, -1.0, 2.0, 'sample.psi')
   config_lib.check_positive(s.truncation_cutoff, 'sample.truncation_cutoff', allow_zero=True)

@@ -32,10 +32,13 @@ from jax.sharding import Mesh
 
 from common import checkpoint as checkpoint_lib
 from common import data as data_lib
+from common import errors
 from common import imageio
+from common import loop
 from common import logs
 from common import mesh as mesh_lib
 from common import optim as optim_lib
+from metrics import diversity
 from stylegan import augment as augment_lib
 from stylegan import config as config_lib
 from stylegan import loss as loss_lib
@@ -145,6 +148,7 @@ class Steps:
     self.d_main = jit(self._d_main)
     self.d_reg = jit(self._d_reg)
     self.finish = jit(self._finish)
+    self.compiled = False
 
   # -- pieces ----------------------------------------------------------------
 
@@ -270,6 +274,20 @@ class Steps:
     ema = optim_lib.ema_update(state.g_ema_params, state.g_params, beta)
     return state.replace(g_ema_params=ema, step=state.step + 1)
 
+  def compile(self, state: TrainState, reals) -> None:
+    """Compiles every phase ahead of time (so the first steps' rate is not compile time)."""
+    if self.compiled:  # Steps are cached per (config, mesh): a resume in-process reuses them.
+      return
+    self.compiled = True
+    l = self.config.loss
+    self.g_main = self.g_main.lower(state).compile()
+    if l.pl_weight > 0:
+      self.g_reg = self.g_reg.lower(state).compile()
+    self.d_main = self.d_main.lower(state, reals).compile()
+    if l.r1_gamma > 0:
+      self.d_reg = self.d_reg.lower(state, reals).compile()
+    self.finish = self.finish.lower(state).compile()
+
   # -- one whole step --------------------------------------------------------
 
   def train_step(self, state: TrainState, reals, step: int):
@@ -339,51 +357,64 @@ def fixed_latents(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
   return rng.standard_normal((n, config.model.z_dim)).astype(np.float32)
 
 
-def _log_grid(writer, workdir: Path, step: int, state: TrainState, config, z) -> None:
-  images = generate(state.g_ema_params, state.w_avg, config, z,
-                    batch_size=config.sample.batch_size)
-  grid = imageio.make_grid(images)
-  logs.write_image_grid(writer, step, 'samples/G_ema', grid)
-  if jax.process_index() == 0:
-    imageio.save_image(grid, workdir / 'samples' / f'grid_{step:07d}.png')
+def _grid_hook(writer, workdir: Path, config, reals: np.ndarray):
+  """fn(step, state): G_ema's grid from fixed latents, and its diversity against the data.
+
+  The grid goes to TensorBoard and WORKDIR/samples_during_training/<step>.png; the
+  diversity (metrics.diversity: mean pairwise distance of 64 samples over that of 64
+  reals) is logged, so a collapse (every z giving one image, ratio near 0) shows early.
+  """
+  n = max(config.train.num_grid_samples, 64)
+  z = fixed_latents(config, n)
+  real_sample = reals[np.random.default_rng(config.seed).permutation(len(reals))[:n]]
+
+  def hook(step: int, state: TrainState) -> None:
+    images = generate(state.g_ema_params, state.w_avg, config, z,
+                      batch_size=config.sample.batch_size)
+    grid = imageio.make_grid(images[:config.train.num_grid_samples])
+    logs.write_image_grid(writer, step, 'samples/G_ema', grid)
+    ratio = diversity.diversity_ratio(images, real_sample)
+    writer.write_scalars(step, {'diversity/G_ema': ratio})
+    if jax.process_index() == 0:
+      logging.info('step %d: G_ema diversity %.3f of the data\'s (1 = as varied as the data).',
+                   step, ratio)
+      imageio.save_image(grid, workdir / 'samples_during_training' / f'{step:08d}.png')
+  return hook
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   """Trains (resuming from workdir's last checkpoint) until train.num_steps."""
   config_lib.validate(config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  loop.check_workdir(config, workdir, config_lib.RUN_KEYS)
   t = config.train
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(t.batch_size, mesh, 'train.batch_size')
 
   images = data_lib.load_dataset(config.data)
   if images.shape[1:3] != (config.model.resolution,) * 2:
-    raise ValueError(f'Data images are {images.shape[1:3]} but model.resolution='
-                     f'{config.model.resolution}.')
+    raise errors.DataError(f'Data images are {images.shape[1:3]} but model.resolution='
+                           f'{config.model.resolution}.')
 
-  state = init_state(config, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
-                                     t.async_checkpoint)
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  if start:
-    logging.info('Resuming StyleGAN training at step %d.', start)
+  with logs.Timed('initialising G and D'):
+    ckpt, state, start = loop.resume(workdir, init_state(config, mesh), t)
+  loop.record_config(config, workdir)  # Only now: config, data and checkpoint are checked.
 
   writer = logs.make_writer(workdir)
-  if start == 0:
-    logs.log_parameter_overview(state.g_params, 'G')
-    logs.log_parameter_overview(state.d_params, 'D')
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  logs.log_parameter_overview(state.g_params, 'G', workdir)
+  logs.log_parameter_overview(state.d_params, 'D', workdir)
   steps = get_steps(config, mesh)
   batches = data_lib.BatchIterator(images, t.batch_size, config.seed, step=start)
-  grid_z = fixed_latents(config, t.num_grid_samples)
+  hook = _grid_hook(writer, workdir, config, images)
   progress = logs.Progress(t.num_steps, writer, start_step=start, items_per_step=t.batch_size)
   sums: dict[str, Any] = {}
   counts: dict[str, int] = {}
 
+  if start < t.num_steps:
+    with logs.Timed('compiling the G and D phases'):
+      steps.compile(state, mesh_lib.shard_batch(next(batches), mesh))
+    batches = data_lib.BatchIterator(images, t.batch_size, config.seed, step=start)
+    progress.reset_timer(start)
   with checkpoint_lib.PreemptionGuard() as guard:
     for step in range(start, t.num_steps):
       reals = mesh_lib.shard_batch(next(batches), mesh)
@@ -402,14 +433,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         progress.update(done, scalars)
         sums, counts = {}, {}
       if t.sample_every and (done % t.sample_every == 0 or last or done == 1):
-        _log_grid(writer, workdir, done, state, config, grid_z)
+        hook(done, state)
         progress.reset_timer(done)
       ckpt.save(done, state, force=last or stop)
       if stop:
-        logging.warning('Stopped at step %d on request; resume by running again.', done)
+        logging.warning('Stopped at step %d on request; rerun the same command to resume.', done)
         break
   ckpt.close()
-  writer.flush()
+  writer.close()
   return state
 
 
@@ -417,19 +448,5 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | Path)
   """The latest checkpoint's state (G_ema and w_avg are what sampling needs)."""
   config_lib.validate(config)
   abstract = jax.eval_shape(lambda: create_state(config, _key(0)))  # Restored replicated.
-  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  state = ckpt.restore(abstract)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f'No checkpoint in {Path(workdir) / "checkpoints"}; train first.')
-  return state
-
-
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+  return checkpoint_lib.restore_latest(
+      workdir, abstract, 'train first with --mode=train and the same --workdir.')

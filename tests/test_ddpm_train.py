@@ -1,6 +1,7 @@
 """Training end to end on a tiny U-Net: loss, sampling, checkpoints, resume, devices, errors."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from common import checkpoint, imageio
+from common.logs import read_scalars
 from ddpm import sample, train
 from ddpm.configs import default
 from conftest import shared_path
@@ -67,18 +69,6 @@ def params_of(state):
 
 def tree_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def read_scalars(workdir, tag):
-  """(step, value) pairs of a scalar from the run's TensorBoard event files."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  values = []
-  for f in sorted(Path(workdir).glob('events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(str(f)):
-      for v in event.summary.value:
-        if v.tag == tag:
-          values.append((event.step, float(tf.make_ndarray(v.tensor))))
-  return values
 
 
 @pytest.fixture(scope='module')
@@ -171,6 +161,13 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
   stopped = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   assert f'Stopped at step {stopped}' in out, out[-3000:]
   assert 5 <= stopped < 60, 'SIGTERM came too late to interrupt the run'
+  # What the user read: our lines only, one per log interval, and no silent compilation.
+  for noise in ('oneDNN', 'absl::InitializeLog', 'Unable to initialize backend', 'Traceback',
+                'logging_writer', '+----'):
+    assert noise not in out, out[-3000:]
+  logged = re.findall(r'step (\d+)/60 ', out)
+  assert logged and len(logged) == len(set(logged)), out[-3000:]
+  assert 'Compiling the train step...' in out and 'Done compiling the train step in' in out
 
   resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
   assert int(resumed.step) == 60
@@ -292,6 +289,7 @@ def test_shipped_configs_validate_and_have_expected_size(name):
   assert expected[0] <= count <= expected[1], count
 
 
+@pytest.mark.slow  # Three jobs of their own (~4 min on 2 busy cores): CI's slow tier runs it.
 def test_two_process_run_matches_one_process(tmp_path):
   """A cluster job in miniature: 2 processes x 2 CPU devices (gloo) against 1 x 4 devices."""
   import socket  # pylint: disable=g-import-not-at-top

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from common import checkpoint, data, imageio
+from common.logs import read_scalars
 from latent import sample, train, vae_train
 from latent.configs import ldm_demo, vae_demo
-from test_ddpm_train import read_scalars
 
 
 def tiny_vae_config():

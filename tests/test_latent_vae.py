@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
 from common import checkpoint, data, loop, mesh as mesh_lib
+from common.logs import read_scalars
 from ddpm import convert
 from latent import autoencoder, vae_loss, vae_train
 from latent.configs import vae_base
@@ -44,17 +45,6 @@ def tiny_config():
   config.train.num_eval_images = 16
   config.train.scale_factor_images = 256
   return config
-
-
-def read_scalars(workdir, tag):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  values = []
-  for f in sorted(workdir.glob('events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(str(f)):
-      for v in event.summary.value:
-        if v.tag == tag:
-          values.append((event.step, float(tf.make_ndarray(v.tensor))))
-  return values
 
 
 def restore(workdir, config, step):
@@ -300,7 +290,7 @@ def test_resumed_run_matches_uninterrupted_run_and_stores_scale_factor(trained, 
 
 def test_load_vae_names_a_missing_or_empty_workdir(tmp_path):
   no_checkpoint = tmp_path / 'no_checkpoint'  # A run that stopped before its first save.
-  loop.prepare_workdir(tiny_config(), no_checkpoint)
+  loop.record_config(tiny_config(), no_checkpoint)
   for workdir in (tmp_path / 'missing', tmp_path, no_checkpoint):
     with pytest.raises(FileNotFoundError, match=f'{workdir}.*train stage 1 first'):
       vae_train.load_vae(workdir)

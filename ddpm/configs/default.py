@@ -12,6 +12,13 @@ from ddpm import diffusion, samplers, schedules
 
 DTYPES = ('float32', 'bfloat16')
 
+# Settings a run's checkpoints depend on: resuming a workdir with other values is an
+# error (common.loop.check_workdir). Prefixes cover their sub-keys.
+RUN_KEYS = ('data.image_size', 'model.block_out_channels', 'model.layers_per_block',
+            'model.attention_resolutions', 'model.head_dim', 'model.mid_attention',
+            'model.norm_groups', 'diffusion.schedule', 'diffusion.num_timesteps',
+            'diffusion.prediction')
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()

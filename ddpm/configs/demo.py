@@ -1,7 +1,7 @@
 """Built-in demo: a small U-Net on scikit-learn's handwritten digits at 16x16, CPU in minutes.
 
 No download: the digits ship inside scikit-learn. Recognisable digits come out
-after about 1,500 steps (about 5 minutes on 2 CPU cores, one XLA CPU device).
+after about 1,500 steps (5 minutes on 2 quiet CPU cores, 9 on busy ones; one XLA CPU device).
 """
 
 from ddpm.configs import default

@@ -12,6 +12,13 @@ from ddpm.configs import default as ddpm_default
 
 CONDITIONING = ('text', 'class')
 
+# Settings a run's checkpoints depend on (common.loop.check_workdir): ddpm's, plus the
+# conditioning network and the autoencoder whose latents it models.
+RUN_KEYS = ddpm_default.RUN_KEYS + (
+    'model.transformer_depth', 'vae_workdir', 'conditioning.kind', 'conditioning.max_length',
+    'conditioning.min_word_count', 'conditioning.width', 'conditioning.layers',
+    'conditioning.heads', 'conditioning.class_names', 'conditioning.class_scope')
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ddpm_default.get_config()

@@ -1,6 +1,7 @@
 """Built-in stage-2 demo: text-conditioned latent diffusion on the digits, CPU in minutes.
 
-Measured on 2 CPU cores: 2,000 steps at about 4 steps/s, 10 minutes with compilation;
+Measured on 2 CPU cores: 2,000 steps at 2.2 (busy) to 4 (quiet) steps/s, 10 to 19 minutes
+with compilation;
 every prompt "digit zero" ... "digit nine" then gives its digit.
 
 Prompts are "digit seven" and the like (the captions the digits source gives).

@@ -13,6 +13,12 @@ from latent import vae_loss
 DTYPES = ('float32', 'bfloat16')
 
 
+# Settings a run's checkpoints depend on (common.loop.check_workdir): resuming with other
+# values is an error. Stage 2 also rebuilds the autoencoder from them.
+RUN_KEYS = ('data.image_size', 'vae', 'loss.disc_channels', 'loss.disc_layers',
+            'loss.disc_norm')
+
+
 def _adam_ldm() -> ml_collections.ConfigDict:
   """LDM trains both the autoencoder and the discriminator with Adam(b1=0.5, b2=0.9), unclipped."""
   c = optim.get_config()
