@@ -99,7 +99,8 @@ class Checkpointer:
 def restore_latest(workdir: str | Path, target: Any, how_to_train: str) -> Any:
   """The latest checkpoint of another run's workdir, read-only (sampling, stage 2).
 
-  Raises MissingFileError (a FileNotFoundError) naming the workdir and `how_to_train` when there is none.
+  Raises MissingFileError (a FileNotFoundError) naming the workdir and `how_to_train`
+  when there is none.
   """
   ckpt = Checkpointer(workdir, read_only=True) if (Path(workdir) / 'checkpoints').is_dir() else None
   try:

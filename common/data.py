@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from common import config as config_lib
-from common.errors import ConfigError, DataError, MissingFileError
 from common import imageio
+from common.errors import ConfigError, DataError, MissingFileError
 
 SOURCES = ('folder', 'digits', 'tfds')
 

@@ -21,7 +21,7 @@ def get_config():
   c.model.z_dim = 128
   c.model.w_dim = 128
   c.model.mapping_layers = 2
-  c.model.channel_base = 1024     # 32 channels at 32x32, 64 at 16x16, 128 below.
+  c.model.channel_base = 1024     # 32 channels at 32x32, 64 at 16x16, 128 below (G 0.75M).
   c.model.channel_max = 128
   c.model.mbstd_group_size = 32   # The whole batch (the reference's cifar setting).
   c.loss.r1_gamma = 0.01
