@@ -30,13 +30,18 @@ _QUIET_LOGGERS = {
 }
 
 
+# This project's packages: their INFO lines are the console; other libraries' are not.
+_OUR_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
+                      for name in ('common', 'ddpm', 'latent', 'metrics', 'stylegan'))
+
+
 class _DropLibraryChatter(logging.Filter):
-  """Orbax logs every save in a dozen INFO lines and warns about read-only restores."""
+  """Other libraries' INFO lines; Orbax's warnings too (about read-only restores)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if '/orbax/' in record.pathname:
       return record.levelno >= logging.ERROR
-    return record.levelno >= logging.WARNING or '/site-packages/' not in record.pathname
+    return record.levelno >= logging.WARNING or record.pathname.startswith(_OUR_PACKAGES)
 
 
 class _ConsoleFormatter(logging.Formatter):
