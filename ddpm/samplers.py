@@ -15,7 +15,8 @@ Timestep spacings follow diffusers' schedulers (Lin et al. 2023, table 2):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,6 @@ import numpy as np
 from ddpm import diffusion
 from ddpm.schedules import Schedule
 
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
 SPACINGS = ('leading', 'trailing', 'linspace')
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -120,6 +120,76 @@ def dpm_solver_2m_step(s: Schedule, x0: jnp.ndarray, x0_prev: jnp.ndarray, xt: j
   return jnp.where(last, x0, x_next)
 
 
+# --- The registry ---------------------------------------------------------------
+#
+# A sampler is its inference timesteps, the timestep each step goes to, and the update
+# x_t -> x_{t_next}. Adding one touches this file (and the config's documented choices)
+# only: `sample` and every caller look samplers up here.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """What a sampler's update sees at step `index` of `num_steps` (traced arrays)."""
+  index: Any
+  num_steps: int
+  t: Any
+  t_next: Any           # < 0 after the last step.
+  t_prev_model: Any     # The previous step's timestep (multistep solvers' history).
+  x: jnp.ndarray
+  x0: jnp.ndarray       # The model's prediction of x_0 at (x, t) ...
+  eps: jnp.ndarray      # ... and of the noise.
+  x0_prev: jnp.ndarray  # The previous step's x0 (zeros at the first step).
+  noise: jnp.ndarray    # Fresh N(0, I) for stochastic samplers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  timesteps: Callable[[int, int, str], np.ndarray]      # (T, S, spacing) -> descending ts.
+  next_timesteps: Callable[[np.ndarray, int], np.ndarray]  # (ts, T) -> where each step goes.
+  update: Callable[..., jnp.ndarray]                    # (schedule, StepInputs, **options) -> x.
+
+
+def _following(ts: np.ndarray, T: int) -> np.ndarray:  # pylint: disable=unused-argument
+  return np.append(ts[1:], -1).astype(np.int32)
+
+
+def _ddpm_update(s: Schedule, z: StepInputs, ddpm_variance: str = 'fixed_small', **unused):
+  return ddpm_step(s, z.x0, z.x, z.t, z.noise, ddpm_variance)
+
+
+def _ddim_update(s: Schedule, z: StepInputs, eta: float = 0.0, **unused):
+  return ddim_step(s, z.x0, z.eps, z.x, z.t, z.t_next, eta, z.noise)
+
+
+def _dpm_solver_update(s: Schedule, z: StepInputs, **unused):
+  # Lower-order at the first and (for few steps) the last step, as diffusers' lower_order_final.
+  first_order = (z.index == 0) | ((z.t_next < 0) & (z.num_steps < 15))
+  return dpm_solver_2m_step(s, z.x0, z.x0_prev, z.x, z.t, z.t_prev_model, z.t_next, first_order)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    # Ancestral DDPM always runs all T steps.
+    'ddpm': Sampler(lambda T, S, spacing: np.arange(T - 1, -1, -1, dtype=np.int32),
+                    _following, _ddpm_update),
+    # diffusers' DDIM rule for the step after t: t - T//S (also with trailing spacing).
+    'ddim': Sampler(timesteps, lambda ts, T: ts - T // len(ts), _ddim_update),
+    'dpm_solver': Sampler(timesteps, _following, _dpm_solver_update),
+}
+
+
+def options_from_config(config, **overrides) -> dict:
+  """`sample` keyword arguments from an experiment config's `sample` and `diffusion` blocks.
+
+  The one place that maps the config to sampler settings (ddpm and latent use it).
+  """
+  s = config.sample
+  kwargs = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
+                prediction=config.diffusion.prediction, clip_x0=s.clip_x0,
+                ddpm_variance=s.ddpm_variance)
+  kwargs.update(overrides)
+  return kwargs
+
+
 # --- Loops --------------------------------------------------------------------
 
 def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
@@ -145,17 +215,12 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
     x_0, or (x_0, snapshots, snapshot_timesteps) with num_snapshots.
   """
   T = s.num_timesteps
-  if sampler == 'ddpm':
-    ts = np.arange(T - 1, -1, -1, dtype=np.int32)
-  elif sampler in ('ddim', 'dpm_solver'):
-    ts = timesteps(T, num_steps, spacing)
-  else:
+  if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; valid: {", ".join(SAMPLERS)}.')
-  # The step after t_i: diffusers' DDIM rule t - T//S for ddim, the actual next one otherwise.
-  if sampler == 'ddim':
-    ts_next = ts - T // len(ts)
-  else:
-    ts_next = np.append(ts[1:], -1).astype(np.int32)
+  entry = SAMPLERS[sampler]
+  ts = entry.timesteps(T, num_steps, spacing)
+  ts_next = entry.next_timesteps(ts, T)
+  options = dict(eta=eta, ddpm_variance=ddpm_variance)
   ts_prev_model = np.insert(ts[:-1], 0, ts[0]).astype(np.int32)  # For the 2M history.
   if init_x0 is not None:
     if not 0.0 <= strength <= 1.0:
@@ -173,14 +238,8 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
     key, noise_key, inject_key = jax.random.split(key, 3)
     x0, eps = _predict(s, model_fn, prediction, x, t, clip_x0)
     noise = jax.random.normal(noise_key, x.shape, x.dtype)
-    if sampler == 'ddpm':
-      x = ddpm_step(s, x0, x, t, noise, ddpm_variance)
-    elif sampler == 'ddim':
-      x = ddim_step(s, x0, eps, x, t, t_next, eta, noise)
-    else:
-      # Lower-order at the first and (for few steps) the last step, as diffusers' lower_order_final.
-      first_order = (i == 0) | ((t_next < 0) & (len(ts) < 15))
-      x = dpm_solver_2m_step(s, x0, x0_prev, x, t, t_prev_model, t_next, first_order)
+    x = entry.update(s, StepInputs(i, len(ts), t, t_next, t_prev_model, x, x0, eps, x0_prev,
+                                   noise), **options)
     if inject is not None:
       x = inject(x, t_next, inject_key)
     return (x, x0, key), (x if num_snapshots else None)

@@ -103,11 +103,7 @@ def make_train_step(config, model, schedule, tx, mesh):
 
 def make_sample_fn(config, model, schedule, num_snapshots: int = 0, **overrides):
   """jit(fn(params, rng, x_T) -> x_0 in [-1, 1]) with the config's sampler settings."""
-  s = config.sample
-  kwargs = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
-                prediction=config.diffusion.prediction, clip_x0=s.clip_x0,
-                ddpm_variance=s.ddpm_variance, num_snapshots=num_snapshots)
-  kwargs.update(overrides)
+  kwargs = samplers.options_from_config(config, num_snapshots=num_snapshots, **overrides)
 
   def sample_fn(params, rng, x_T):
     model_fn = lambda x, t: model.apply({'params': params}, x, t)

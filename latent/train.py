@@ -125,7 +125,6 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
   the current step, after every step (and exactly at the end). decode=False
   returns the scaled latents instead of images.
   """
-  s = config.sample
 
   def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None):
     context, mask, null, null_mask = condition(model, params, ids)
@@ -137,9 +136,7 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
       known = diffusion.q_sample(schedule, init_z0, tb, jax.random.normal(key, x.shape))
       known = jnp.where(t_next >= 0, known, init_z0)
       return keep * known + (1.0 - keep) * x
-    z0 = samplers.sample(schedule, model_fn, noise, rng, sampler=s.sampler, num_steps=s.num_steps,
-                         eta=s.eta, spacing=s.spacing, prediction=config.diffusion.prediction,
-                         clip_x0=s.clip_x0, ddpm_variance=s.ddpm_variance,
+    z0 = samplers.sample(schedule, model_fn, noise, rng, **samplers.options_from_config(config),
                          inject=reimpose_known if inpaint else None,
                          init_x0=init_z0 if strength < 1.0 else None, strength=strength)
     return stage1.decode(vae_params, z0) if decode else z0
