@@ -52,7 +52,7 @@ def bench_train_step(batch, repeats, devices):
   config.model.dropout = 0.0  # Same work on both sides.
   config.augment.enabled = False
   config.train.batch_size = batch
-  mesh = mesh_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices=devices)
   model, schedule = train.build_model(config), train.build_schedule(config)
   tx = train.make_optimizer(config)
   state = train.create_train_state(config, model, tx, mesh)
@@ -92,7 +92,7 @@ def bench_ddim(batch, repeats, devices):
   config = cifar10.get_config()
   model = train.build_model(config)
   schedule = schedules.make_schedule('linear', 1000)
-  mesh = mesh_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices=devices)
   params = mesh_lib.replicate(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))['params'], mesh)
   config.sample.num_steps = 50

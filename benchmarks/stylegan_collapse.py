@@ -36,7 +36,7 @@ def main() -> None:
   parser.add_argument('--name', default='run')
   parser.add_argument('--steps', type=int, default=400)
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='Config override, e.g. optim.g_lr=0.01 (repeatable).')
+                      help='Config override, e.g. optim.learning_rate=0.01 (repeatable).')
   parser.add_argument('--out', default='/tmp/stylegan_collapse')
   args = parser.parse_args()
 

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from common import mesh as mesh_lib
-from common.errors import MissingFileError
+from common.errors import MissingFileError, WorkdirError
 
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
@@ -82,7 +82,14 @@ class Checkpointer:
     replicated = mesh_lib.replicated(mesh_lib.make_mesh())
     abstract = jax.tree.map(lambda x: _abstract(x, replicated), target)
     logging.info('Restoring checkpoint of step %d from %s.', step, self.directory)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:  # Orbax: the tree does not fit the target.
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise WorkdirError(
+          f'The checkpoint {self.directory / str(step)} does not fit this config\'s train state '
+          f'(another model, other params.trainable/lr_multipliers rules, or an older version of '
+          f'this code wrote it): {first}. Use a new --workdir.') from e
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it did."""

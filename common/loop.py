@@ -1,4 +1,5 @@
-"""The training loop every trainer shares (ddpm, latent's two stages).
+"""The training loop every trainer shares (ddpm, latent's two stages, StyleGAN), driven by
+common.experiment.
 
 One compiled step function is applied to sharded batches; around it the loop
 logs averaged metrics with steps/s and ETA, stops on a non-finite metric
@@ -70,29 +71,22 @@ def record_config(config, workdir: str | Path) -> Path:
   return workdir
 
 
-def resume(workdir: Path, state, t) -> tuple[checkpoint.Checkpointer, Any, int]:
-  """The Checkpointer for train config `t`, the state restored from the workdir's last
-  checkpoint (or `state` itself on a fresh run), and the step to start from."""
-  ckpt = checkpoint.Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints,
-                                 t.async_checkpoint)
-  state = ckpt.restore(state) or state
-  start = int(state.step)
-  if start:
-    logging.info('Resumed from step %d.', start)
-  return ckpt, state, start
-
-
-def jit_step(step_fn: Callable, mesh, donate: bool = True, num_constants: int = 0):
-  """jit(step_fn(state, batch, *constants) -> (state, metrics)): state and constants
-  replicated, batch split over devices.
+def jit_step(step_fn: Callable, mesh, state_shardings=None, constant_shardings: Sequence = (),
+             donate: bool = True):
+  """jit(step_fn(state, batch, *constants) -> (state, metrics)) with the state laid out by
+  `state_shardings` (from `mesh.state_shardings`; None: replicated), the batch split over
+  every device, and the metrics replicated. XLA inserts the gathers and reduce-scatters
+  that fsdp-sharded parameters need.
 
   Constants (frozen weights: a VAE, LPIPS) are arguments rather than closed-over
   values, so they are not baked into the compiled program as literals.
   """
   replicated = mesh_lib.replicated(mesh)
+  state_shardings = replicated if state_shardings is None else state_shardings
   return jax.jit(step_fn,
-                 in_shardings=(replicated, mesh_lib.data_sharding(mesh)) + (replicated,) * num_constants,
-                 out_shardings=(replicated, replicated),
+                 in_shardings=(state_shardings, mesh_lib.data_sharding(mesh),
+                               *constant_shardings),
+                 out_shardings=(state_shardings, replicated),
                  donate_argnums=0 if donate else ())
 
 
@@ -115,8 +109,11 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
         constants: Sequence[Any] = ()):
   """Runs `state, metrics = step_fn(state, batch, *constants)` from `start` to `num_steps`.
 
-  `step_fn` is a jitted function whose state argument is donated; `batches`
-  yields this process's rows of each global batch (a pytree of numpy arrays).
+  `step_fn` is a jitted function whose state argument is donated, or an object whose
+  `compile(state, batch, *constants)` returns `fn(state, batch, step) -> (state, metrics)`
+  (a step of several compiled phases, as StyleGAN's); `batches` yields this process's
+  rows of each global batch (a pytree of numpy arrays). Metrics may differ between
+  steps (lazy regularisation): each is averaged over the steps that reported it.
   `scalars_fn(step)` adds host-side scalars (e.g. the learning rate) to the logs;
   `constants` are the step's frozen extra arguments (see `jit_step`).
   Returns the final state. On SIGTERM it saves and returns early; rerunning
@@ -131,8 +128,9 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
       return {}
     fetched = jax.device_get(pending)
     pending.clear()
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    worst = {k: float(np.max(np.abs([m[k] for m in fetched]))) for k in fetched[0]}
+    keys = dict.fromkeys(k for m in fetched for k in m)
+    mean = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
+    worst = {k: float(np.max(np.abs([m[k] for m in fetched if k in m]))) for k in keys}
     logs.check_finite(step, worst)
     return mean
 
@@ -142,7 +140,11 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
   # Compile before the loop (steps/s then excludes it) and line the hosts up after it.
   batch = mesh_lib.shard_batch(next(batches), mesh)
   with logs.Timed(f'compiling the {name}'):
-    step_fn = step_fn.lower(state, batch, *constants).compile()
+    if hasattr(step_fn, 'lower'):
+      compiled = step_fn.lower(state, batch, *constants).compile()
+      step_fn = lambda state, batch, step: compiled(state, batch, *constants)
+    else:
+      step_fn = step_fn.compile(state, batch, *constants)
   mesh_lib.barrier(f'{name} compiled')
   progress.reset_timer(start)
 
@@ -150,7 +152,7 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
     while step < num_steps:
       if batch is None:
         batch = mesh_lib.shard_batch(next(batches), mesh)
-      state, metrics = step_fn(state, batch, *constants)
+      state, metrics = step_fn(state, batch, step)
       batch = None
       pending.append(metrics)
       step += 1

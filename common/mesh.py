@@ -1,9 +1,15 @@
-"""Device mesh and sharding: data parallelism over every device of every host.
+"""Device mesh and sharding: a 2-D (data, fsdp) mesh over every device of every host.
 
-One mesh axis, ``data``. Batches are split along it; parameters and
-optimiser state are replicated. The same code runs on one CPU, on fake CPU
-devices (``--xla_force_host_platform_device_count=8``), on a GPU node and on
-several hosts after ``jax.distributed.initialize``.
+Batches are split over both axes. Parameters and optimiser state are split
+over ``fsdp`` (fully-sharded data parallelism: each device holds 1/fsdp of the
+state, XLA gathers weights where a layer needs them and reduce-scatters the
+gradients) and replicated over ``data``. ``mesh.fsdp=1`` (the default) is
+plain data parallelism with replicated state. `state_shardings` is the one
+place that decides where every array of a train state lives; state creation,
+the jitted step, checkpoint restore and sampling all use it. The same code
+runs on one CPU, on fake CPU devices
+(``--xla_force_host_platform_device_count=8``), on a GPU node and on several
+hosts after ``jax.distributed.initialize``.
 """
 
 from __future__ import annotations
@@ -14,9 +20,25 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from common import config as config_lib
 from common.errors import ConfigError
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # The batch is split over every device.
+
+
+def get_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.fsdp = 1  # Devices that share one copy of the state (split over them); the other
+              # factor of the device count is the data axis. 1 = replicated state.
+  return c
+
+
+def validate(c, prefix: str = 'mesh') -> None:
+  config_lib.check_keys(c, get_config(), prefix)
+  config_lib.check_positive(c.fsdp, f'{prefix}.fsdp')
 
 
 def initialize_distributed() -> None:
@@ -37,15 +59,68 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with the ``data`` axis over all (or the given) devices."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+def make_mesh(c=None, devices=None) -> Mesh:
+  """The (data, fsdp) mesh over all (or the given) devices; `c` is a `mesh` config section
+  (None: fsdp=1). fsdp is the inner axis, so its groups are neighbouring devices (one host
+  or one NVLink island where the sizes allow)."""
+  devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+  fsdp = c.fsdp if c is not None else 1
+  if devices.size % fsdp:
+    raise ConfigError(f'mesh.fsdp={fsdp} does not divide the {devices.size} devices.')
+  return Mesh(devices.reshape(-1, fsdp), BATCH_AXES)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Splits the leading (batch) dimension over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Splits the leading (batch) dimension over every device (both axes)."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape, mesh: Mesh, how: str = 'fsdp', min_size: int = 0) -> P:
+  """The partition of one array: its largest dimension divisible by the fsdp axis size is
+  split over that axis ('fsdp'), unless the array has fewer than `min_size` elements or
+  nothing divides; 'replicated' keeps it whole on every device. big_vision's `fsdp`."""
+  n = mesh.shape[FSDP_AXIS]
+  size = int(np.prod(shape)) if shape else 1
+  if how == 'replicated' or n == 1 or size < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % n == 0:
+      return P(*([None] * dim + [FSDP_AXIS]))
+  return P()
+
+
+def state_shardings(abstract, mesh: Mesh, rules=None):
+  """NamedShardings for every leaf of a train state (or any pytree of arrays/shape structs).
+
+  `rules` (common.params.Rules) may pin parameters to 'replicated' by path and sets the
+  size below which arrays stay whole; a leaf's path is matched by its last components,
+  so a parameter, its EMA and its Adam moments (`opt_state/0/mu/<param path>`) lie alike.
+  """
+  from common import params as params_lib  # pylint: disable=g-import-not-at-top
+  rules = rules if rules is not None else params_lib.Rules()
+  min_size = rules.config.min_shard_size
+
+  def one(path, leaf):
+    how = 'fsdp'
+    if rules.sharding:
+      p = params_lib.path_str(path)
+      suffixes = [p.split('/', i)[-1] for i in range(p.count('/') + 1)]
+      how = next((v for _, regex, v, _ in rules.sharding
+                  if any(regex.fullmatch(s) for s in suffixes)), 'fsdp')
+    return NamedSharding(mesh, fsdp_spec(tuple(getattr(leaf, 'shape', ())), mesh, how, min_size))
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of `tree`'s arrays held by the first local device (from their addressable shards)."""
+  device = jax.local_devices()[0]
+  total = 0
+  for x in jax.tree.leaves(tree):
+    for shard in getattr(x, 'addressable_shards', ()):
+      if shard.device == device:
+        total += shard.data.nbytes
+  return total
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,8 +148,13 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree (params, train state) replicated on every device."""
+  """Places a pytree replicated on every device."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def place(tree, mesh: Mesh, rules=None):
+  """Places a pytree (frozen weights: a VAE, LPIPS) by `state_shardings`: sharded over fsdp."""
+  return jax.device_put(tree, state_shardings(tree, mesh, rules))
 
 
 def barrier(name: str) -> None:

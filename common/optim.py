@@ -1,6 +1,9 @@
-"""Optimiser with warm-up and clipping, and EMA of parameters (shared by trainers)."""
+"""Optimiser with warm-up, clipping and per-rule learning rates and decay; gradients of the
+trainable subtree, accumulated over micro-batches; EMA of parameters (shared by trainers)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import ml_collections
 import optax
 
 from common import config as config_lib
+from common import params as params_lib
 from common.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'adamw')
@@ -50,15 +54,66 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> op
   return optax.join_schedules([warmup, after], [c.warmup_steps])
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int,
+                   rules: params_lib.Rules | None = None) -> optax.GradientTransformation:
+  """The optimiser of the trainable parameters (`rules.split(params)[0]`).
+
+  `rules` (config.params) give learning-rate multipliers (optax.multi_transform) and
+  AdamW's decay mask; clipping is by the global norm over every trainable parameter.
+  """
   lr = learning_rate_schedule(c, total_steps)
-  if c.name == 'adam':
-    opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
-  else:
-    opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+
+  def make(multiplier: float, decay_mask):
+    rate = lr if multiplier == 1.0 else (lambda step: multiplier * lr(step))
+    if c.name == 'adam':
+      return optax.adam(rate, b1=c.b1, b2=c.b2, eps=c.eps)
+    return optax.adamw(rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                       mask=decay_mask)
+
+  opt = (rules or params_lib.Rules()).optimizer(make)
   if c.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
   return opt
+
+
+def value_and_grad(loss_fn: Callable, params, rules: params_lib.Rules, batch,
+                   accum_steps: int = 1):
+  """((loss, aux), grads) of `loss_fn(params, batch) -> (loss, aux)` w.r.t. the trainable
+  parameters only (frozen ones are constants: no weight gradients are computed for them).
+
+  With accum_steps = k > 1 the batch (every leaf's leading dimension) is cut into k
+  interleaved micro-batches, run one after another in a `lax.scan`, and loss, aux and
+  gradients are averaged: the same update as the whole batch at once when the loss is a
+  mean over examples whose randomness is drawn per example outside `loss_fn`, at 1/k of
+  the activation memory.
+  """
+  trainable, frozen = rules.split(params)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(rules.merge(p, frozen), b), has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(trainable, batch)
+  k = accum_steps
+  # [B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, ...: each device keeps its
+  # own rows (the batch is split in contiguous blocks), so no data moves between devices.
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),
+                       batch)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, trainable, first))
+
+  def body(total, b):
+    return jax.tree.map(jnp.add, total, grad_fn(trainable, b)), None
+
+  total, _ = jax.lax.scan(body, zeros, micro)
+  return jax.tree.map(lambda x: x / k, total)
+
+
+def apply_gradients(tx: optax.GradientTransformation, grads, opt_state, params,
+                    rules: params_lib.Rules):
+  """(params, opt_state) after one optimiser step on the trainable subtree; frozen
+  parameters come back untouched (the same arrays)."""
+  trainable, frozen = rules.split(params)
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  return rules.merge(optax.apply_updates(trainable, updates), frozen), opt_state
 
 
 def ema_update(ema_params, params, decay):

@@ -12,9 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ddpm.configs.default import PREDICTIONS  # The choice list lives with the config.
 from ddpm.schedules import Schedule
-
-PREDICTIONS = ('eps', 'x0', 'v')
 
 
 def _at(a: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -86,10 +85,22 @@ def diffusion_loss(s: Schedule, model_fn: Callable[[jnp.ndarray, jnp.ndarray], j
 
   Returns the batch-mean loss and per-example metrics.
   """
-  b = x0.shape[0]
+  t, eps = draw_t_eps(s, rng, x0)
+  return denoising_loss(s, model_fn, x0, t, eps, prediction, min_snr_gamma)
+
+
+def draw_t_eps(s: Schedule, rng: jax.Array, x0: jnp.ndarray):
+  """The loss's randomness for a batch: t ~ U{0..T-1} [B] and eps ~ N(0, I) like x0."""
   t_rng, eps_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (b,), 0, s.num_timesteps)
-  eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
+  t = jax.random.randint(t_rng, (x0.shape[0],), 0, s.num_timesteps)
+  return t, jax.random.normal(eps_rng, x0.shape, x0.dtype)
+
+
+def denoising_loss(s: Schedule, model_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+                   x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray, prediction: str = 'eps',
+                   min_snr_gamma: float = 0.0) -> tuple[jnp.ndarray, dict]:
+  """`diffusion_loss` at given (t, eps): a mean over examples, so it can be accumulated
+  over micro-batches of (x0, t, eps) drawn once for the whole batch."""
   xt = q_sample(s, x0, t, eps)
   if prediction == 'eps':
     target = eps

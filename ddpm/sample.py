@@ -14,20 +14,15 @@ import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from common import checkpoint, imageio, logs, mesh as mesh_lib
+from common import imageio, logs, mesh as mesh_lib
 from ddpm import train
 from ddpm.configs import default as default_config
 
 
 def restore_params(config, workdir: str | Path, use_ema: bool = True):
-  """Parameters (EMA by default) from the workdir's latest checkpoint."""
-  model, tx = train.build_model(config), train.make_optimizer(config)
-  state = checkpoint.restore_latest(
-      workdir, jax.eval_shape(lambda: train.init_state(config, model, tx)),
-      'train first with --mode=train and the same --workdir.')
-  logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
-               int(state.step))
-  return model, (state.ema_params if use_ema else state.params)
+  """(model, parameters (EMA by default)) from the workdir's latest checkpoint."""
+  exp = train.Experiment(config)
+  return exp.model, exp.sampling_params(workdir, use_ema)
 
 
 def generate(config, workdir: str | Path) -> Path:
@@ -39,9 +34,9 @@ def generate(config, workdir: str | Path) -> Path:
   default_config.validate(config)
   s = config.sample
   out = Path(s.output_dir or Path(workdir) / 'samples')
-  model, params = restore_params(config, workdir, s.use_ema)
-  schedule = train.build_schedule(config)
-  mesh = mesh_lib.make_mesh()
+  exp = train.Experiment(config)
+  model, params, schedule = exp.model, exp.sampling_params(workdir, s.use_ema), exp.schedule
+  mesh = exp.mesh
   sample_fn = train.make_sample_fn(config, model, schedule)
   batch = math.ceil(min(s.batch_size, s.num_images) / mesh.devices.size) * mesh.devices.size
   rng = jax.random.PRNGKey(s.seed)

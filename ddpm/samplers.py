@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm import diffusion
+from ddpm.configs.default import SPACINGS  # The choice list lives with the config.
 from ddpm.schedules import Schedule
-
-SPACINGS = ('leading', 'trailing', 'linspace')
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

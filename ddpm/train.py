@@ -1,7 +1,8 @@
 """Training a DDPM: `train_and_evaluate(config, workdir)`.
 
-The train state holds the parameters, their EMA (what sampling uses), the
-optimiser state, the step and the base RNG key. Each step's randomness is
+The train state holds the parameters, the EMA (what sampling uses) and
+optimiser state of the trainable ones (config.params), the step and the base RNG
+key. Each step's randomness is
 `fold_in(rng, step)` and its batch a function of (seed, step), so a run
 resumed from a checkpoint continues bit for bit like one that never stopped.
 """
@@ -9,7 +10,8 @@ resumed from a checkpoint continues bit for bit like one that never stopped.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import flax
 import jax
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from common import augment, data, imageio, logs, loop, mesh as mesh_lib, optim
+from common import augment, data, experiment, imageio, logs, loop, mesh as mesh_lib, optim
+from common import params as params_lib
 from ddpm import diffusion, models, samplers, schedules
 from ddpm.configs import default as default_config
 
@@ -26,8 +29,8 @@ from ddpm.configs import default as default_config
 class TrainState:
   step: jnp.ndarray
   params: Any
-  ema_params: Any
-  opt_state: Any
+  ema_params: Any  # EMA of the trainable parameters (all of them by default).
+  opt_state: Any   # Of the trainable parameters only.
   rng: jax.Array  # Base key: never advanced, folded with the step.
 
 
@@ -42,63 +45,94 @@ def build_model(config: ml_collections.ConfigDict) -> models.UNet:
       mid_attention=m.mid_attention,
       norm_groups=m.norm_groups,
       dropout=m.dropout,
-      dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32)
+      dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
+      remat=m.remat)
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  return optim.make_optimizer(config.optim, config.train.num_steps)
+def make_optimizer(config, rules: params_lib.Rules | None = None) -> optax.GradientTransformation:
+  return optim.make_optimizer(config.optim, config.train.num_steps, rules or rules_of(config))
 
 
-def init_state(config, model: models.UNet, tx: optax.GradientTransformation) -> TrainState:
+def rules_of(config) -> params_lib.Rules:
+  return params_lib.Rules(config.get('params'))
+
+
+def init_state(config, model: models.UNet, tx: optax.GradientTransformation,
+               rules: params_lib.Rules | None = None) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   size = config.data.image_size
   params = model.init(init_rng, jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=state_rng)
+  return new_state(params, tx, rules or rules_of(config), state_rng)
+
+
+def new_state(params, tx, rules: params_lib.Rules, rng) -> TrainState:
+  """Step 0 of `params`: EMA and optimiser state of the trainable parameters only."""
+  trainable, _ = rules.split(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=trainable,
+                    opt_state=tx.init(trainable), rng=rng)
+
+
+def state_shardings(config, init_fn: Callable[[], TrainState], mesh):
+  """Where each array of the state lives on `mesh` (common.mesh.state_shardings)."""
+  return mesh_lib.state_shardings(jax.eval_shape(init_fn), mesh, rules_of(config))
 
 
 def create_train_state(config, model, tx, mesh) -> TrainState:
-  """Initialises the state directly replicated on the mesh (no host round trip)."""
-  return jax.jit(functools.partial(init_state, config, model, tx),
-                 out_shardings=mesh_lib.replicated(mesh))()
+  """Initialises the state directly in its shardings on the mesh (no host round trip)."""
+  init = functools.partial(init_state, config, model, tx)
+  return jax.jit(init, out_shardings=state_shardings(config, init, mesh))()
 
 
-def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule, tx):
-  """One optimisation step on a uint8 [B, H, W, 3] batch."""
+def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule, tx,
+               rules: params_lib.Rules):
+  """One optimisation step on a uint8 [B, H, W, 3] batch.
+
+  Every random draw is made for the whole batch before the loss, so accumulating
+  gradients over train.grad_accum_steps micro-batches gives the big batch's update.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, loss_rng, dropout_rng = jax.random.split(rng, 3)
   x0 = batch.astype(jnp.float32) / 127.5 - 1.0
   x0 = augment.augment(aug_rng, x0, config.augment)
+  t, eps = diffusion.draw_t_eps(schedule, loss_rng, x0)
 
-  def loss_fn(params):
+  def loss_fn(params, b):
     model_fn = lambda xt, t: model.apply({'params': params}, xt, t, train=True,
                                          rngs={'dropout': dropout_rng})
-    return diffusion.diffusion_loss(schedule, model_fn, x0, loss_rng,
+    return diffusion.denoising_loss(schedule, model_fn, b['x0'], b['t'], b['eps'],
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = optim.value_and_grad(loss_fn, state.params, rules,
+                                            {'x0': x0, 't': t, 'eps': eps},
+                                            config.train.grad_accum_steps)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
-  return apply_gradients(state, grads, tx, config.train), metrics
+  return apply_gradients(state, grads, tx, config.train, rules), metrics
 
 
-def apply_gradients(state: TrainState, grads, tx, t: ml_collections.ConfigDict) -> TrainState:
-  """The optimiser update, then the EMA (every t.ema_every steps), and step + 1."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = optim.ema_step(state.step, state.ema_params, params, t.ema_every, t.ema_decay,
-                              t.ema_warmup)
+def apply_gradients(state: TrainState, grads, tx, t: ml_collections.ConfigDict,
+                    rules: params_lib.Rules) -> TrainState:
+  """The optimiser update of the trainable parameters, then their EMA (every t.ema_every
+  steps), and step + 1."""
+  params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, rules)
+  ema_params = optim.ema_step(state.step, state.ema_params, rules.split(params)[0],
+                              t.ema_every, t.ema_decay, t.ema_warmup)
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                        opt_state=opt_state)
 
 
-def make_train_step(config, model, schedule, tx, mesh):
-  step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx)
-  return loop.jit_step(step, mesh)
+def make_train_step(config, model, schedule, tx, mesh, shardings=None):
+  """The jitted step, the state laid out as `create_train_state` lays it out."""
+  rules = rules_of(config)
+  if shardings is None:
+    shardings = state_shardings(config, functools.partial(init_state, config, model, tx), mesh)
+  step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx,
+                           rules=rules)
+  return loop.jit_step(step, mesh, shardings)
 
 
 def make_sample_fn(config, model, schedule, num_snapshots: int = 0, **overrides):
@@ -117,46 +151,67 @@ def noise_like_batch(rng, n: int, config) -> jnp.ndarray:
   return jax.random.normal(rng, (n, size, size, 3))
 
 
+class Experiment(experiment.Experiment):
+  """Pixel-space DDPM: the U-Net, its EMA, one step, EMA sample grids."""
+  name = 'U-Net'
+  run_keys = default_config.RUN_KEYS
+
+  def validate(self):
+    default_config.validate(self.config)
+
+  def setup(self):
+    self.images = data.load_dataset(self.config.data)
+
+  @functools.cached_property
+  def model(self):
+    return build_model(self.config)
+
+  @functools.cached_property
+  def schedule(self):
+    return build_schedule(self.config)
+
+  @functools.cached_property
+  def tx(self):
+    return make_optimizer(self.config, self.rules)
+
+  def sampling_params(self, workdir, use_ema: bool = True):
+    """The parameters to sample with (EMA by default) from the workdir's latest checkpoint,
+    laid out on this config's mesh."""
+    state = experiment.restore_for_sampling(
+        self, workdir, 'train first with --mode=train and the same --workdir.')
+    logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
+                 int(state.step))
+    return self.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
+
+  def init_state(self):
+    return init_state(self.config, self.model, self.tx, self.rules)
+
+  def make_step(self, shardings):
+    return make_train_step(self.config, self.model, self.schedule, self.tx, self.mesh, shardings)
+
+  def batches(self, start):
+    return data.BatchIterator(self.images, self.config.train.batch_size, seed=self.config.seed,
+                              step=start)
+
+  def hooks(self, writer):
+    config = self.config
+    if not config.train.sample_every:
+      return []
+    grid_fn = make_sample_fn(config, self.model, self.schedule)
+    grid_noise = noise_like_batch(jax.random.PRNGKey(config.seed + 1),
+                                  config.train.num_grid_samples, config)
+
+    def write_grid(step, state):
+      params = self.rules.with_ema(state.params, state.ema_params)
+      x = grid_fn(params, jax.random.PRNGKey(config.seed + 2), grid_noise)
+      grid = imageio.make_grid(imageio.to_uint8(mesh_lib.gather(x)))
+      logs.write_image_grid(writer, step, 'ema_samples', grid)
+      if jax.process_index() == 0:
+        imageio.save_image(grid, self.workdir / 'samples_during_training' / f'{step:08d}.png')
+
+    return [loop.Hook(config.train.sample_every, write_grid, 'sampling the EMA grid')]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's last checkpoint) and returns the final state."""
-  default_config.validate(config)
-  loop.check_workdir(config, workdir, default_config.RUN_KEYS)
-
-  mesh = mesh_lib.make_mesh()
-  mesh_lib.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
-  images = data.load_dataset(config.data)
-
-  model, schedule, tx = build_model(config), build_schedule(config), make_optimizer(config)
-  with logs.Timed('initialising the U-Net'):
-    ckpt, state, start = loop.resume(workdir, create_train_state(config, model, tx, mesh),
-                                     config.train)
-  workdir = loop.record_config(config, workdir)  # Only now: everything above has been checked.
-
-  writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'U-Net', workdir)
-  step_fn = make_train_step(config, model, schedule, tx, mesh)
-  grid_fn = make_sample_fn(config, model, schedule) if config.train.sample_every else None
-  grid_noise = noise_like_batch(jax.random.PRNGKey(config.seed + 1),
-                                config.train.num_grid_samples, config)
-
-  t = config.train
-  learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
-
-  def write_grid(step, state):
-    x = grid_fn(state.ema_params, jax.random.PRNGKey(config.seed + 2), grid_noise)
-    grid = imageio.make_grid(imageio.to_uint8(mesh_lib.gather(x)))
-    logs.write_image_grid(writer, step, 'ema_samples', grid)
-    if jax.process_index() == 0:
-      imageio.save_image(grid, workdir / 'samples_during_training' / f'{step:08d}.png')
-
-  try:
-    state = loop.run(
-        state, step_fn, data.BatchIterator(images, t.batch_size, seed=config.seed, step=start),
-        mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.sample_every, write_grid, 'sampling the EMA grid')],
-        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))})
-  finally:
-    ckpt.close()
-    writer.flush()
-  return state
+  return experiment.train_and_evaluate(Experiment(config), workdir)

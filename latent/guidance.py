@@ -20,9 +20,15 @@ def drop_condition(rng: jax.Array, context: jnp.ndarray, mask: jnp.ndarray,
   Returns (context, mask, dropped [B] bool).
   """
   dropped = jax.random.bernoulli(rng, prob, (context.shape[0],))
+  return (*use_null_where(dropped, context, mask, null_context, null_mask), dropped)
+
+
+def use_null_where(dropped: jnp.ndarray, context: jnp.ndarray, mask: jnp.ndarray,
+                   null_context: jnp.ndarray, null_mask: jnp.ndarray):
+  """(context, mask) with the examples where `dropped` [B] is True replaced by the null ones."""
   context = jnp.where(dropped[:, None, None], null_context, context)
   mask = jnp.where(dropped[:, None], null_mask, mask)
-  return context, mask, dropped
+  return context, mask
 
 
 def combine(cond: jnp.ndarray, uncond: jnp.ndarray, scale) -> jnp.ndarray:

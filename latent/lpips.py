@@ -38,9 +38,9 @@ import numpy as np
 from flax import traverse_util
 
 from common import errors
+from latent.configs import vae_base
 
-VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
-CONVERT_COMMAND = 'python -m latent.lpips convert --vgg vgg16-397923af.pth --lin vgg.pth --out {out}'
+VGG16_URL = vae_base.VGG16_URL
 
 # The `lpips` package's ScalingLayer: ImageNet's mean/std re-expressed for inputs in [-1, 1].
 SHIFT = (-0.030, -0.088, -0.188)
@@ -135,10 +135,7 @@ def lpips_distance(params, x: jnp.ndarray, y: jnp.ndarray, dtype: Any = jnp.floa
 
 # --- Weights -----------------------------------------------------------------------------------
 
-def convert_command(out: str | os.PathLike = 'lpips_vgg.npz') -> str:
-  return (f'{CONVERT_COMMAND.format(out=out)} (vgg16-397923af.pth: {VGG16_URL}; vgg.pth: '
-          'lpips/weights/v0.1/vgg.pth inside the `lpips` wheel, used when --lin is left out '
-          'and lpips is installed)')
+convert_command = vae_base.lpips_convert_command  # One text for config checks and loading.
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from common import checkpoint, errors, imageio, logs, mesh as mesh_lib
+from common import errors, experiment, imageio, logs, mesh as mesh_lib
 from latent import conditions as conditions_lib
 from latent import train, vae_train
 from latent.configs import ldm_base
@@ -28,16 +28,15 @@ from latent.configs import ldm_base
 
 def restore(config, workdir: str | Path, use_ema: bool = True):
   """(model, params, conditions, stage1) of a stage-2 workdir's latest checkpoint."""
-  stage1 = train.Stage1(config.vae_workdir)
-  conds = conditions_lib.Conditions.load(workdir)
-  model = train.build_model(config, conds, stage1)
-  tx = train.ddpm_train.make_optimizer(config)
-  state = checkpoint.restore_latest(
-      workdir, jax.eval_shape(lambda: train.init_state(config, model, tx)),
-      'train stage 2 first with --mode=train and the same --workdir.')
+  exp = train.Experiment(config)
+  exp.stage1 = train.Stage1(config.vae_workdir)
+  exp.conds = conditions_lib.Conditions.load(workdir)
+  state = experiment.restore_for_sampling(
+      exp, workdir, 'train stage 2 first with --mode=train and the same --workdir.')
   logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                int(state.step))
-  return model, (state.ema_params if use_ema else state.params), conds, stage1
+  params = exp.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
+  return exp.model, params, exp.conds, exp.stage1
 
 
 def read_prompts(s) -> list[str]:

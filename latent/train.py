@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import data, imageio, logs, loop, mesh as mesh_lib, optim
+from common import data, experiment, imageio, logs, loop, mesh as mesh_lib, optim
 from ddpm import diffusion, samplers
 from ddpm import train as ddpm_train
 from latent import conditions as conditions_lib
@@ -65,7 +65,7 @@ def build_model(config: ml_collections.ConfigDict, conds: conditions_lib.Conditi
   return LatentDenoiser(unet, conds.encoder(c), conds.context_length, c.width)
 
 
-def init_state(config, model: LatentDenoiser, tx) -> ddpm_train.TrainState:
+def init_state(config, model: LatentDenoiser, tx, rules=None) -> ddpm_train.TrainState:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   u = model.unet
@@ -73,8 +73,7 @@ def init_state(config, model: LatentDenoiser, tx) -> ddpm_train.TrainState:
   ids = jnp.zeros((1, model.context_length), jnp.int32)
   params = model.init(init_rng, z, jnp.zeros((1,), jnp.int32), ids,
                       method=LatentDenoiser.init_all)['params']
-  return ddpm_train.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                               opt_state=tx.init(params), rng=state_rng)
+  return ddpm_train.new_state(params, tx, rules or ddpm_train.rules_of(config), state_rng)
 
 
 def condition(model: LatentDenoiser, params, ids):
@@ -84,8 +83,12 @@ def condition(model: LatentDenoiser, params, ids):
   return context, mask, null, null_mask
 
 
-def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1):
-  """One step on a batch {'ids', and 'images' (uint8) or the cached 'mean'/'std' [B, 2, ...]}."""
+def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1, rules):
+  """One step on a batch {'ids', and 'images' (uint8) or the cached 'mean'/'std' [B, 2, ...]}.
+
+  The randomness (flips, posterior samples, condition dropout, t, eps) is drawn for the
+  whole batch first, so train.grad_accum_steps micro-batches give the same update.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   flip_rng, post_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 5)
   ids = batch['ids']
@@ -100,19 +103,22 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1)
     mean, std = pick(batch['mean']), pick(batch['std'])
   z0 = stage1.scale_factor * (mean + std * jax.random.normal(post_rng, mean.shape))
   z0 = jax.lax.stop_gradient(z0)
+  dropped = jax.random.bernoulli(drop_rng, config.conditioning.dropout_prob, (b,))
+  t, eps = diffusion.draw_t_eps(schedule, loss_rng, z0)
 
-  def loss_fn(params):
-    context, mask, null, null_mask = condition(model, params, ids)
-    context, mask, _ = guidance.drop_condition(drop_rng, context, mask, null, null_mask,
-                                               config.conditioning.dropout_prob)
+  def loss_fn(params, mb):
+    context, mask, null, null_mask = condition(model, params, mb['ids'])
+    context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
     model_fn = lambda zt, t: model.apply({'params': params}, zt, t, context, mask, train=True,
                                          rngs={'dropout': dropout_rng})
-    return diffusion.diffusion_loss(schedule, model_fn, z0, loss_rng,
+    return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = optim.value_and_grad(
+      loss_fn, state.params, rules, {'ids': ids, 'dropped': dropped, 'z0': z0, 't': t, 'eps': eps},
+      config.train.grad_accum_steps)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
-  return ddpm_train.apply_gradients(state, grads, tx, config.train), metrics
+  return ddpm_train.apply_gradients(state, grads, tx, config.train, rules), metrics
 
 
 def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
@@ -182,71 +188,79 @@ def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: 
   return cache
 
 
+class Experiment(ddpm_train.Experiment):
+  """Stage 2: ddpm's state, EMA and optimiser around the conditional latent denoiser; the
+  frozen VAE is a step argument; the hook samples captioned prompt grids."""
+  name = 'latent denoiser'
+  run_keys = ldm_base.RUN_KEYS
+
+  def validate(self):
+    ldm_base.validate(self.config)
+    self.stage1 = Stage1(self.config.vae_workdir)  # Fails early, naming the missing workdir.
+    ldm_base.validate(self.config, self.stage1.factor)
+
+  def setup(self):
+    config, workdir = self.config, self.workdir
+    images, captions = data.load_captioned_dataset(config.data)
+    if (workdir / conditions_lib.FILENAME).is_file():
+      self.conds = conditions_lib.Conditions.load(workdir)  # Resuming: its vocabulary.
+    else:
+      self.conds = conditions_lib.Conditions.from_captions(config.conditioning, captions)
+    images, ids = build_dataset(self.conds, images, captions)
+    self.examples = {'ids': ids}
+    if config.train.latent_cache:
+      self.examples.update(latent_cache(workdir, self.stage1, images, config.sample.batch_size))
+    else:
+      self.examples['images'] = images
+    self.vae_params = mesh_lib.place(self.stage1.params, self.mesh)
+
+  def record(self):
+    if jax.process_index() == 0 and not (self.workdir / conditions_lib.FILENAME).is_file():
+      self.conds.save(self.workdir)
+
+  @functools.cached_property
+  def model(self):
+    return build_model(self.config, self.conds, self.stage1)
+
+  def init_state(self):
+    return init_state(self.config, self.model, self.tx, self.rules)
+
+  def make_step(self, shardings):
+    step = functools.partial(train_step, config=self.config, model=self.model,
+                             schedule=self.schedule, tx=self.tx, stage1=self.stage1,
+                             rules=self.rules)
+    return loop.jit_step(step, self.mesh, shardings,
+                         (jax.tree.map(lambda x: x.sharding, self.vae_params),))
+
+  def batches(self, start):
+    return data.BatchIterator(self.examples, self.config.train.batch_size,
+                              seed=self.config.seed, step=start)
+
+  def constants(self):
+    return (self.vae_params,)
+
+  def hooks(self, writer):
+    config, t = self.config, self.config.train
+    grid_fn = make_sample_fn(config, self.model, self.schedule, self.stage1)
+    prompts = list(t.grid_prompts)
+    per_prompt = max(1, t.num_grid_samples // len(prompts))
+    grid_ids = self.conds.prompt_ids([p for p in prompts for _ in range(per_prompt)])
+    u = self.model.unet
+    grid_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
+                                   (len(grid_ids), u.sample_size, u.sample_size, u.in_channels))
+
+    def write_grid(step, state):
+      params = self.rules.with_ema(state.params, state.ema_params)
+      x = grid_fn(params, self.vae_params, jax.random.PRNGKey(config.seed + 2), grid_ids,
+                  grid_noise, config.sample.guidance_scale)
+      grid = imageio.captioned_grid(imageio.to_uint8(mesh_lib.gather(x)), prompts, per_prompt)
+      logs.write_image_grid(writer, step, 'ema_prompt_grid', grid)
+      if jax.process_index() == 0:
+        imageio.save_image(grid, self.workdir / 'samples_during_training' / f'{step:08d}.png')
+
+    return [loop.Hook(t.sample_every, write_grid, 'sampling the prompt grid')]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ddpm_train.TrainState:
   """Trains stage 2 on the VAE of config.vae_workdir, resuming from the workdir."""
-  ldm_base.validate(config)
-  stage1 = Stage1(config.vae_workdir)  # Fails early, naming the workdir, if stage 1 is missing.
-  ldm_base.validate(config, stage1.factor)
-  workdir = Path(workdir)
-  loop.check_workdir(config, workdir, ldm_base.RUN_KEYS)
-  mesh = mesh_lib.make_mesh()
-  mesh_lib.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
-
-  images, captions = data.load_captioned_dataset(config.data)
-  if (workdir / conditions_lib.FILENAME).is_file():
-    conds = conditions_lib.Conditions.load(workdir)  # Resuming: the vocabulary it trained with.
-  else:
-    conds = conditions_lib.Conditions.from_captions(config.conditioning, captions)
-  images, ids = build_dataset(conds, images, captions)
-  t = config.train
-  examples = {'ids': ids}
-  if t.latent_cache:
-    examples.update(latent_cache(workdir, stage1, images, config.sample.batch_size))
-  else:
-    examples['images'] = images
-
-  model = build_model(config, conds, stage1)
-  schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
-  with logs.Timed('initialising the denoiser'):
-    state = jax.jit(functools.partial(init_state, config, model, tx),
-                    out_shardings=mesh_lib.replicated(mesh))()
-    ckpt, state, start = loop.resume(workdir, state, t)
-  loop.record_config(config, workdir)  # Only now: everything above has been checked.
-  if jax.process_index() == 0 and not (workdir / conditions_lib.FILENAME).is_file():
-    conds.save(workdir)
-  writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'latent denoiser', workdir)
-  vae_params = mesh_lib.replicate(stage1.params, mesh)
-  step_fn = loop.jit_step(functools.partial(
-      train_step, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh,
-                          num_constants=1)
-
-  grid_fn = make_sample_fn(config, model, schedule, stage1)
-  prompts = list(t.grid_prompts)
-  per_prompt = max(1, t.num_grid_samples // len(prompts))
-  grid_ids = conds.prompt_ids([p for p in prompts for _ in range(per_prompt)])
-  u = model.unet
-  grid_noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
-                                 (len(grid_ids), u.sample_size, u.sample_size, u.in_channels))
-
-  def write_grid(step, state):
-    x = grid_fn(state.ema_params, vae_params, jax.random.PRNGKey(config.seed + 2), grid_ids,
-                grid_noise, config.sample.guidance_scale)
-    grid = imageio.captioned_grid(imageio.to_uint8(mesh_lib.gather(x)), prompts, per_prompt)
-    logs.write_image_grid(writer, step, 'ema_prompt_grid', grid)
-    if jax.process_index() == 0:
-      imageio.save_image(grid, workdir / 'samples_during_training' / f'{step:08d}.png')
-
-  learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
-  try:
-    state = loop.run(
-        state, step_fn, data.BatchIterator(examples, t.batch_size, seed=config.seed, step=start),
-        mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.sample_every, write_grid, 'sampling the prompt grid')],
-        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
-        name='latent train step', constants=(vae_params,))
-  finally:
-    ckpt.close()
-    writer.flush()
-  return state
+  return experiment.train_and_evaluate(Experiment(config), workdir)

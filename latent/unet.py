@@ -26,8 +26,8 @@ class ConditionalUNet(models.UNet):
     if context is None:
       raise ValueError('ConditionalUNet needs a context sequence [B, L, D].')
     heads = h.shape[-1] // (self.head_dim or h.shape[-1])
-    return Transformer2D(heads, self.transformer_depth, self.norm_groups, self.dtype,
-                         name=name)(h, context, context_mask)
+    return self.block(Transformer2D)(heads, self.transformer_depth, self.norm_groups, self.dtype,
+                                     name=name)(h, context, context_mask)
 
 
 class ClassEncoder(nn.Module):

@@ -18,19 +18,18 @@ Pure functions, plus the discriminator module.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import errors
-from latent import autoencoder, lpips
+from latent import autoencoder
+# The choice lists and the jax-free checks live with the config (latent/configs/vae_base.py),
+# which validates them before any compute; re-exported here for the model code.
+from latent.configs.vae_base import (  # pylint: disable=unused-import
+    DISC_NORMS, REC_LOSSES, check_lpips, discriminator_output_size)
 
-
-REC_LOSSES = ('l1', 'l2', 'l1+l2')
-DISC_NORMS = ('group', 'none')
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
 
@@ -86,11 +85,6 @@ class NLayerDiscriminator(nn.Module):
     return conv(1, 1, True, f'conv_{self.num_layers + 1}')(h).astype(jnp.float32)
 
 
-def discriminator_output_size(image_size: int, num_layers: int) -> int:
-  """Side of the patch-logit map: each stride-2 conv halves, each stride-1 4x4 conv loses 1."""
-  return image_size // 2**num_layers - 2
-
-
 def hinge_d_loss(logits_real: jnp.ndarray, logits_fake: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
 
@@ -137,34 +131,3 @@ def lpips_reconstruction_loss(x: jnp.ndarray, recon: jnp.ndarray, kind: str, lpi
   d = distance(x, recon)
   pixels = math.prod(x.shape[1:])
   return reconstruction_loss(x, recon, kind) + lpips_weight * pixels * jnp.mean(d), jnp.mean(d)
-
-
-def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -> None:
-  """lpips_weight > 0 needs `lpips_weights`, an existing LPIPS-VGG .npz (checked before compute).
-
-  The weights cannot be downloaded at run time: the user converts them once
-  (see latent/lpips.py); without them LPIPS is refused, never silently skipped.
-  """
-  if lpips_weight < 0:
-    raise errors.ConfigError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
-  if lpips_weight == 0:
-    return
-  key = f'{prefix}.lpips_weights'
-  if not lpips_weights:
-    raise errors.ConfigError(
-        f'{prefix}.lpips_weight={lpips_weight} needs {key}, the LPIPS-VGG weights (.npz), which '
-        f'is empty. Make the file with: {lpips.convert_command()}, then set {key} to it (or '
-        f'set {prefix}.lpips_weight=0).')
-  if not os.path.isfile(lpips_weights):
-    raise errors.MissingFileError(
-        f'{key}={lpips_weights!r}: no such file (needed by {prefix}.lpips_weight={lpips_weight}). '
-        f'Make it with: {lpips.convert_command(lpips_weights)}')
-  try:
-    keys = lpips.npz_keys(lpips_weights)
-  except Exception as e:  # pylint: disable=broad-except  # Not a zip / not an .npz.
-    raise errors.ConfigError(f'{key}={lpips_weights!r} is not an .npz file ({e}). Make it with: '
-                     f'{lpips.convert_command(lpips_weights)}') from e
-  missing = sorted(set(lpips.param_shapes()) - set(keys))
-  if missing:
-    raise errors.ConfigError(f'{key}={lpips_weights!r} lacks the LPIPS-VGG arrays {missing}. Make it '
-                     f'with: {lpips.convert_command(lpips_weights)}')

@@ -24,7 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import checkpoint, data, errors, imageio, logs, loop, mesh as mesh_lib, optim
+from common import data, errors, experiment, imageio, logs, loop, mesh as mesh_lib
+from common import optim
+from common import params as params_lib
 from latent import autoencoder, lpips, vae_loss
 from latent.configs import vae_base
 
@@ -58,8 +60,9 @@ def build_discriminator(config: ml_collections.ConfigDict) -> vae_loss.NLayerDis
 
 
 def make_optimizers(config):
-  n = config.train.num_steps
-  return optim.make_optimizer(config.optim, n), optim.make_optimizer(config.disc_optim, n)
+  n, rules = config.train.num_steps, params_lib.Rules(config.get('params'))
+  return (optim.make_optimizer(config.optim, n, rules),
+          optim.make_optimizer(config.disc_optim, n, rules))
 
 
 def init_state(config, model, disc, tx, disc_tx) -> TrainState:
@@ -71,15 +74,19 @@ def init_state(config, model, disc, tx, disc_tx) -> TrainState:
   with jax.threefry_partitionable(False):
     params = autoencoder.init_params(model, ae_rng, size)
     disc_params = disc.init(disc_rng, jnp.zeros((1, size, size, 3)))['params']
+  rules = params_lib.Rules(config.get('params'))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, disc_params=disc_params,
-                    opt_state=tx.init(params), disc_opt_state=disc_tx.init(disc_params),
+                    opt_state=tx.init(rules.split(params)[0]),
+                    disc_opt_state=disc_tx.init(rules.split(disc_params)[0]),
                     rng=state_rng, scale_factor=jnp.zeros((), jnp.float32))
 
 
 def create_train_state(config, model, disc, tx, disc_tx, mesh) -> TrainState:
-  """Initialises the state directly replicated on the mesh (no host round trip)."""
-  return jax.jit(functools.partial(init_state, config, model, disc, tx, disc_tx),
-                 out_shardings=mesh_lib.replicated(mesh))()
+  """Initialises the state directly in its shardings on the mesh (no host round trip)."""
+  init = functools.partial(init_state, config, model, disc, tx, disc_tx)
+  shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh,
+                                       params_lib.Rules(config.get('params')))
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, config, model, disc,
@@ -96,6 +103,7 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
   adaptive weight, does too, as in LDM.
   """
   l = config.loss
+  rules = params_lib.Rules(config.get('params'))
   rng = jax.random.fold_in(state.rng, state.step)
   x = batch.astype(jnp.float32) / 127.5 - 1.0
 
@@ -135,10 +143,10 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
       real, fake_logits = jnp.split(logits, 2)
       return vae_loss.hinge_d_loss(real, fake_logits), (jnp.mean(real), jnp.mean(fake_logits))
 
-    (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        state.disc_params)
-    updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
-    disc_params = optax.apply_updates(state.disc_params, updates)
+    (d_loss, (logits_real, logits_fake)), d_grads = optim.value_and_grad(
+        lambda p, _: d_loss_fn(p), state.disc_params, rules, None)
+    disc_params, disc_opt_state = optim.apply_gradients(disc_tx, d_grads, state.disc_opt_state,
+                                                        state.disc_params, rules)
     metrics = dict(g_loss=g_loss, gan_weight=weight, disc_loss=d_loss, logits_real=logits_real,
                    logits_fake=logits_fake)
     return weight * grad_gan, disc_params, disc_opt_state, metrics
@@ -154,8 +162,8 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
       state.step >= l.disc_start, gan_on, gan_off, None)
 
   grads, = backward((grad_rec + grad_gan, l.kl_weight * grad_mean, l.kl_weight * grad_logvar))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  grads = rules.split(grads)[0]  # Frozen parameters' gradients are dropped (and DCE'd).
+  params, opt_state = optim.apply_gradients(tx, grads, state.opt_state, state.params, rules)
 
   loss = rec_loss + l.kl_weight * kl + gan_metrics['gan_weight'] * gan_metrics['g_loss']
   metrics = dict(loss=loss, rec_loss=rec_loss, kl=kl, grad_norm=optax.global_norm(grads),
@@ -165,12 +173,18 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
                        opt_state=opt_state, disc_opt_state=disc_opt_state), metrics
 
 
-def make_train_step(config, model, disc, tx, disc_tx, mesh, with_lpips: bool = False):
-  """The jitted step(state, batch[, lpips_params]): the LPIPS weights (from load_lpips) are a
-  replicated argument, not ~59 MB of constants compiled into the program."""
+def make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params=None, shardings=None):
+  """The jitted step(state, batch[, lpips_params]): the LPIPS weights (from load_lpips, placed
+  on the mesh) are an argument, not ~59 MB of constants compiled into the program."""
+  if shardings is None:
+    init = functools.partial(init_state, config, model, disc, tx, disc_tx)
+    shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh,
+                                         params_lib.Rules(config.get('params')))
   step = functools.partial(train_step, config=config, model=model, disc=disc, tx=tx,
                            disc_tx=disc_tx)
-  return loop.jit_step(step, mesh, num_constants=int(with_lpips))
+  constants = () if lpips_params is None else (
+      jax.tree.map(lambda x: x.sharding, lpips_params),)
+  return loop.jit_step(step, mesh, shardings, constants)
 
 
 def load_lpips(config):
@@ -296,64 +310,76 @@ def split_eval(images: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
   return images[:-n], images[-n:]
 
 
+class Experiment(experiment.Experiment):
+  """Stage 1: the autoencoder and its patch discriminator, one step for both; held-out
+  PSNR and reconstruction grids; the latent scale factor after the last step."""
+  name = 'autoencoder'
+  run_keys = vae_base.RUN_KEYS
+
+  def validate(self):
+    vae_base.validate(self.config)
+    self.lpips_params = load_lpips(self.config)  # A bad file fails here, before any compute.
+
+  def setup(self):
+    self.train_images, self.eval_images = split_eval(data.load_dataset(self.config.data),
+                                                     self.config)
+    if self.lpips_params is not None:
+      self.lpips_params = mesh_lib.place(self.lpips_params, self.mesh)
+
+  @functools.cached_property
+  def nets(self):
+    return (build_model(self.config), build_discriminator(self.config), *make_optimizers(self.config))
+
+  def init_state(self):
+    return init_state(self.config, *self.nets)
+
+  def param_trees(self, state):
+    return {'autoencoder': state.params, 'discriminator': state.disc_params}
+
+  def make_step(self, shardings):
+    return make_train_step(self.config, *self.nets, self.mesh, self.lpips_params, shardings)
+
+  def batches(self, start):
+    return data.BatchIterator(self.train_images, self.config.train.batch_size,
+                              seed=self.config.seed, step=start)
+
+  def constants(self):
+    return () if self.lpips_params is None else (self.lpips_params,)
+
+  def hooks(self, writer):
+    t, model, eval_images = self.config.train, self.nets[0], self.eval_images
+
+    def evaluate(step, state):
+      recon = reconstruct(model, state.params, eval_images, t.batch_size)
+      value = psnr(eval_images, recon)
+      writer.write_scalars(step, {'eval_psnr': value})
+      logging.info('step %d: reconstruction PSNR %.2f dB on %d held-out images.', step, value,
+                   len(eval_images))
+      k = min(len(eval_images), 8)
+      grid = imageio.make_grid(np.concatenate([eval_images[:k], recon[:k]]), ncol=k)
+      logs.write_image_grid(writer, step, 'reconstructions', grid)
+      if jax.process_index() == 0:
+        imageio.save_image(grid, self.workdir / 'reconstructions' / f'{step:08d}.png')
+
+    return [loop.Hook(t.eval_every, evaluate, 'evaluating held-out reconstructions')]
+
+  def finish(self, state, ckpt, writer, start):
+    """Recomputes the scale factor when this call trained (the old one, if any, is stale) or
+    none is stored, and rewrites the final checkpoint with it."""
+    t = self.config.train
+    if int(state.step) == t.num_steps and (start < t.num_steps or not float(state.scale_factor) > 0):
+      state = _store_scale_factor(state, self.nets[0], self.train_images, self.config, ckpt,
+                                  writer)
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's last checkpoint) and returns the final state.
 
   At the last step the scale factor is computed and the final checkpoint
   rewritten with it, also for a run that had already finished without it.
   """
-  vae_base.validate(config)
-  lpips_params = load_lpips(config)  # Before any compute: a bad file fails here, checked.
-  workdir = Path(workdir)
-  loop.check_workdir(config, workdir, vae_base.RUN_KEYS)
-
-  mesh = mesh_lib.make_mesh()
-  t = config.train
-  mesh_lib.check_batch_size(t.batch_size, mesh, 'train.batch_size')
-  train_images, eval_images = split_eval(data.load_dataset(config.data), config)
-
-  model, disc = build_model(config), build_discriminator(config)
-  tx, disc_tx = make_optimizers(config)
-  with logs.Timed('initialising the autoencoder'):
-    ckpt, state, start = loop.resume(
-        workdir, create_train_state(config, model, disc, tx, disc_tx, mesh), t)
-  # config.json is what load_vae reads back: written only once everything above is checked.
-  loop.record_config(config, workdir)
-
-  writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.params, 'Autoencoder', workdir)
-  logs.log_parameter_overview(state.disc_params, 'Discriminator', workdir)
-  step_fn = make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params is not None)
-  learning_rate = optim.learning_rate_schedule(config.optim, t.num_steps)
-
-  def evaluate(step, state):
-    recon = reconstruct(model, state.params, eval_images, t.batch_size)
-    value = psnr(eval_images, recon)
-    writer.write_scalars(step, {'eval_psnr': value})
-    logging.info('step %d: reconstruction PSNR %.2f dB on %d held-out images.', step, value,
-                 len(eval_images))
-    k = min(len(eval_images), 8)
-    grid = imageio.make_grid(np.concatenate([eval_images[:k], recon[:k]]), ncol=k)
-    logs.write_image_grid(writer, step, 'reconstructions', grid)
-    if jax.process_index() == 0:
-      imageio.save_image(grid, workdir / 'reconstructions' / f'{step:08d}.png')
-
-  try:
-    state = loop.run(
-        state, step_fn, data.BatchIterator(train_images, t.batch_size, seed=config.seed,
-                                           step=start),
-        mesh=mesh, num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
-        hooks=[loop.Hook(t.eval_every, evaluate, 'evaluating held-out reconstructions')],
-        scalars_fn=lambda step: {'learning_rate': float(learning_rate(step))},
-        constants=() if lpips_params is None else (mesh_lib.replicate(lpips_params, mesh),))
-    # Recompute when this call trained (the old factor, if any, is stale) or none is stored.
-    if int(state.step) == t.num_steps and (start < t.num_steps or not float(state.scale_factor) > 0):
-      state = _store_scale_factor(state, model, train_images, config, ckpt, writer)
-  finally:
-    ckpt.close()
-    writer.flush()
-  return state
+  return experiment.train_and_evaluate(Experiment(config), workdir)
 
 
 def _store_scale_factor(state, model, train_images, config, ckpt, writer) -> TrainState:
@@ -393,10 +419,9 @@ def load_vae(workdir: str | Path):
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   if config.get('stage') != 'vae':
     raise errors.ConfigError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
-  model, disc = build_model(config), build_discriminator(config)
-  tx, disc_tx = make_optimizers(config)
-  state = checkpoint.restore_latest(
-      workdir, jax.eval_shape(lambda: init_state(config, model, disc, tx, disc_tx)), how_to_train)
+  exp = Experiment(config)
+  state = experiment.restore_for_sampling(exp, workdir, how_to_train)
+  model = exp.nets[0]
   scale_factor = float(state.scale_factor)
   if not scale_factor > 0:
     raise errors.ConfigError(

@@ -142,7 +142,7 @@ class FeatureExtractor:
       raise ValueError(f'resize must be one of {RESIZE_MODES}, got {resize!r}.')
     self.dims = dims
     self.resize = resize
-    self.mesh = mesh_lib.make_mesh(jax.local_devices() if devices is None else devices)
+    self.mesh = mesh_lib.make_mesh(devices=jax.local_devices() if devices is None else devices)
     n_dev = self.mesh.devices.size
     self.batch_size = -(-max(1, batch_size) // n_dev) * n_dev
     if params is None:

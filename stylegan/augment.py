@@ -18,17 +18,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ('color', 'translation', 'cutout')
-
-
-def parse_policy(policy: str | Sequence[str]) -> tuple[str, ...]:
-  """'color,translation,cutout' -> a tuple; '' -> (); unknown names raise ValueError."""
-  names = [p.strip() for p in policy.split(',')] if isinstance(policy, str) else list(policy)
-  names = tuple(n for n in names if n)
-  for n in names:
-    if n not in AUGMENTATIONS:
-      raise ValueError(f'Unknown augmentation {n!r}; choose from {", ".join(AUGMENTATIONS)}.')
-  return names
+# The op names and their parser live with the config (validate checks augment.policy).
+from stylegan.configs.base import AUGMENTATIONS, parse_policy  # pylint: disable=unused-import
 
 
 def _uniform(key, n):

@@ -10,7 +10,7 @@ Any config value can be overridden, e.g. --config.sample.psi=0.7,
 """
 
 from common import launch
-from stylegan import config as config_lib
+from stylegan.configs import base as config_lib
 
 
 def _train(config, workdir):

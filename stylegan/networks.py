@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stylegan.configs.base import NOISE_MODES  # The choice list lives with the config.
+
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)  # Keeps the activations' second moment through lrelu.
 RESAMPLE_FILTER = (1, 3, 3, 1)
-NOISE_MODES = ('random', 'const', 'none')
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from common import imageio
+from common import experiment, imageio
 from stylegan import training_loop
 
 
@@ -25,7 +25,10 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str | Path, num_im
   s = config.sample
   psi = s.psi if psi is None else psi
   seed = s.seed if seed is None else seed
-  state = training_loop.restore_for_sampling(config, workdir)
+  exp = training_loop.Experiment(config)
+  exp.validate()
+  state = experiment.restore_for_sampling(
+      exp, workdir, 'train first with --mode=train and the same --workdir.')
   z = np.random.default_rng(seed).standard_normal((num_images, config.model.z_dim))
   return training_loop.generate(
       state.g_ema_params, state.w_avg, config, z.astype(np.float32), psi=psi,

@@ -9,8 +9,10 @@ lr * c and betas ** c, c = interval / (interval + 1), to make up for the extra
 steps. Every random draw comes from fold_in(rng, step), and the data batch
 from (seed, step), so a resumed run repeats an uninterrupted one exactly.
 
-Batches are sharded over the mesh's data axis (common.mesh), the state is
-replicated; checkpoints, logs and image writing come from common/.
+The driver is the shared one (common.experiment): `Experiment` supplies the
+state, the phases as one step object and the grid hook; the loop, resume,
+SIGTERM save, NaN stop, metric averaging, sharding (config.mesh, config.params)
+and checkpoints are common's.
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from common import checkpoint as checkpoint_lib
 from common import data as data_lib
 from common import errors
+from common import experiment
 from common import imageio
 from common import loop
 from common import logs
 from common import mesh as mesh_lib
 from common import optim as optim_lib
+from common import params as params_lib
 from metrics import diversity
 from stylegan import augment as augment_lib
-from stylegan import config as config_lib
+from stylegan.configs import base as config_lib
 from stylegan import loss as loss_lib
 from stylegan import networks
 
@@ -81,26 +84,27 @@ def build_models(config: ml_collections.ConfigDict):
   return g, d
 
 
-def make_optimizer(lr: float, config: ml_collections.ConfigDict,
-                   reg_interval: int | None) -> optax.GradientTransformation:
-  """Adam(0, 0.99, 1e-8); lazy regularisation rescales lr and betas by c = k/(k+1)."""
-  o = config.optim
-  c = reg_interval / (reg_interval + 1) if reg_interval else 1.0
-  return optax.adam(lr * c, b1=o.beta1 ** c, b2=o.beta2 ** c, eps=o.eps)
+def make_optimizer(c: ml_collections.ConfigDict, reg_interval: int | None,
+                   rules: params_lib.Rules, total_steps: int) -> optax.GradientTransformation:
+  """Adam from an optim section (reference: lr 0.0025, betas (0, 0.99), eps 1e-8); lazy
+  regularisation every k steps rescales lr and betas by c = k/(k+1), as the reference."""
+  ratio = reg_interval / (reg_interval + 1) if reg_interval else 1.0
+  c = c.copy_and_resolve_references()
+  c.learning_rate, c.b1, c.b2 = c.learning_rate * ratio, c.b1**ratio, c.b2**ratio
+  return optim_lib.make_optimizer(c, total_steps, rules)
 
 
 def optimizers(config: ml_collections.ConfigDict):
-  l = config.loss
-  g_tx = make_optimizer(config.optim.g_lr, config,
-                        l.g_reg_interval if l.pl_weight > 0 else None)
-  d_tx = make_optimizer(config.optim.d_lr, config,
-                        l.d_reg_interval if l.r1_gamma > 0 else None)
+  l, rules, n = config.loss, params_lib.Rules(config.get('params')), config.train.num_steps
+  g_tx = make_optimizer(config.optim, l.g_reg_interval if l.pl_weight > 0 else None, rules, n)
+  d_tx = make_optimizer(config.disc_optim, l.d_reg_interval if l.r1_gamma > 0 else None, rules, n)
   return g_tx, d_tx
 
 
 def create_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
   g, d = build_models(config)
   g_tx, d_tx = optimizers(config)
+  trainable = lambda params: params_lib.Rules(config.get('params')).split(params)[0]
   k_g, k_d, k_noise, rng = jax.random.split(key, 4)
   z = jnp.zeros((1, config.model.z_dim))
   g_params = g.init({'params': k_g, 'noise': k_noise}, z)['params']
@@ -109,16 +113,16 @@ def create_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainStat
   return TrainState(
       step=jnp.zeros((), jnp.int32), g_params=g_params, d_params=d_params,
       g_ema_params=g_params, w_avg=jnp.zeros((config.model.w_dim,)),
-      pl_mean=jnp.zeros(()), g_opt_state=g_tx.init(g_params),
-      d_opt_state=d_tx.init(d_params), rng=jax.random.key_data(rng),
+      pl_mean=jnp.zeros(()), g_opt_state=g_tx.init(trainable(g_params)),
+      d_opt_state=d_tx.init(trainable(d_params)), rng=jax.random.key_data(rng),
       ada_p=jnp.asarray(config.augment.p, jnp.float32), ada_acc=jnp.zeros(()))
 
 
 def init_state(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TrainState:
-  """create_state from config.seed, jitted (eager init is slow) and replicated on the mesh."""
-  mesh = mesh or mesh_lib.make_mesh()
-  fn = jax.jit(lambda key: create_state(config, key), out_shardings=mesh_lib.replicated(mesh))
-  return fn(_key(config.seed))
+  """create_state from config.seed, computed in its shardings on the mesh."""
+  exp = Experiment(config)
+  exp.mesh = mesh or mesh_lib.make_mesh(config.get('mesh'))
+  return exp.create_state()
 
 
 def ema_beta(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -138,16 +142,21 @@ class Steps:
     self.config = config
     self.G, self.D = build_models(config)
     self.g_tx, self.d_tx = optimizers(config)
+    self.rules = params_lib.Rules(config.get('params'))
     self.policy = augment_lib.parse_policy(config.augment.policy)
     self.batch_size = config.train.batch_size
     self._data = mesh_lib.data_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
-    jit = lambda f, **kw: jax.jit(f, out_shardings=repl, **kw)
-    self.g_main = jit(self._g_main)
-    self.g_reg = jit(self._g_reg)
-    self.d_main = jit(self._d_main)
-    self.d_reg = jit(self._d_reg)
-    self.finish = jit(self._finish)
+    state = mesh_lib.state_shardings(jax.eval_shape(lambda: create_state(config, _key(0))),
+                                     mesh, self.rules)
+    with_metrics = (state, repl)
+    self.g_main = jax.jit(self._g_main, in_shardings=(state,), out_shardings=with_metrics)
+    self.g_reg = jax.jit(self._g_reg, in_shardings=(state,), out_shardings=with_metrics)
+    self.d_main = jax.jit(self._d_main, in_shardings=(state, self._data),
+                          out_shardings=with_metrics)
+    self.d_reg = jax.jit(self._d_reg, in_shardings=(state, self._data),
+                         out_shardings=with_metrics)
+    self.finish = jax.jit(self._finish, in_shardings=(state,), out_shardings=state)
     self.compiled = False
 
   # -- pieces ----------------------------------------------------------------
@@ -179,6 +188,13 @@ class Steps:
       img = augment_lib.augment(key, img, self.policy, p)
     return self.D.apply({'params': d_params}, img)
 
+  def _grad(self, loss_fn, params):
+    """value_and_grad of loss_fn(params) -> (loss, aux) w.r.t. the trainable parameters."""
+    return optim_lib.value_and_grad(lambda p, _: loss_fn(p), params, self.rules, None)
+
+  def _update(self, tx, grads, opt_state, params):
+    return optim_lib.apply_gradients(tx, grads, opt_state, params, self.rules)
+
   @staticmethod
   def _to_float(reals):
     return reals.astype(jnp.float32) / 127.5 - 1.0
@@ -194,12 +210,11 @@ class Steps:
       logits = self._run_d(state.d_params, img, k_aug, state.ada_p)
       return loss_lib.g_nonsaturating_loss(logits), (ws_unmixed, logits)
 
-    (loss, (ws, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
-    updates, opt_state = self.g_tx.update(grads, state.g_opt_state, state.g_params)
+    (loss, (ws, logits)), grads = self._grad(loss_fn, state.g_params)
+    g_params, opt_state = self._update(self.g_tx, grads, state.g_opt_state, state.g_params)
     w_avg = networks.update_w_avg(state.w_avg, jax.lax.stop_gradient(ws),
                                   self.config.model.w_avg_beta)
-    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
-                          g_opt_state=opt_state, w_avg=w_avg)
+    state = state.replace(g_params=g_params, g_opt_state=opt_state, w_avg=w_avg)
     return state, {'loss/G': loss, 'D/fake_logits_G': jnp.mean(logits)}
 
   def _g_reg(self, state: TrainState):
@@ -213,10 +228,9 @@ class Steps:
       penalty, pl_mean = loss_lib.path_length_penalty(lengths, state.pl_mean, l.pl_decay)
       return penalty * l.pl_weight * l.g_reg_interval, (penalty, pl_mean)
 
-    (_, (penalty, pl_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.g_params)
-    updates, opt_state = self.g_tx.update(grads, state.g_opt_state, state.g_params)
-    state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
-                          g_opt_state=opt_state, pl_mean=pl_mean)
+    (_, (penalty, pl_mean)), grads = self._grad(loss_fn, state.g_params)
+    g_params, opt_state = self._update(self.g_tx, grads, state.g_opt_state, state.g_params)
+    state = state.replace(g_params=g_params, g_opt_state=opt_state, pl_mean=pl_mean)
     return state, {'loss/pl_penalty': penalty, 'pl_mean': pl_mean}
 
   def _d_main(self, state: TrainState, reals):
@@ -233,9 +247,9 @@ class Steps:
       loss_fake, loss_real = loss_lib.d_logistic_loss(real_logits, fake_logits)
       return loss_fake + loss_real, (loss_fake, loss_real, real_logits, fake_logits)
 
-    (loss, (loss_fake, loss_real, real_logits, fake_logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.d_params)
-    updates, opt_state = self.d_tx.update(grads, state.d_opt_state, state.d_params)
+    (loss, (loss_fake, loss_real, real_logits, fake_logits)), grads = self._grad(
+        loss_fn, state.d_params)
+    d_params, opt_state = self._update(self.d_tx, grads, state.d_opt_state, state.d_params)
     rt = jnp.mean(jnp.sign(real_logits))
     ada_p, ada_acc = state.ada_p, state.ada_acc
     if self.policy and a.ada_target > 0:  # ADA: adjust p every ada_interval steps.
@@ -245,8 +259,7 @@ class Steps:
                                      self.batch_size, a.ada_interval, a.ada_kimg)
       ada_p = jnp.where(update, new_p, ada_p)
       ada_acc = jnp.where(update, 0.0, ada_acc)
-    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
-                          d_opt_state=opt_state, ada_p=ada_p, ada_acc=ada_acc)
+    state = state.replace(d_params=d_params, d_opt_state=opt_state, ada_p=ada_p, ada_acc=ada_acc)
     return state, {
         'loss/D': loss, 'loss/D_fake': loss_fake, 'loss/D_real': loss_real,
         'D/real_logits': jnp.mean(real_logits), 'D/fake_logits': jnp.mean(fake_logits),
@@ -263,10 +276,9 @@ class Steps:
       penalty = jnp.mean(r1)
       return penalty * (l.r1_gamma / 2) * l.d_reg_interval, penalty
 
-    (_, penalty), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
-    updates, opt_state = self.d_tx.update(grads, state.d_opt_state, state.d_params)
-    state = state.replace(d_params=optax.apply_updates(state.d_params, updates),
-                          d_opt_state=opt_state)
+    (_, penalty), grads = self._grad(loss_fn, state.d_params)
+    d_params, opt_state = self._update(self.d_tx, grads, state.d_opt_state, state.d_params)
+    state = state.replace(d_params=d_params, d_opt_state=opt_state)
     return state, {'loss/r1_penalty': penalty}
 
   def _finish(self, state: TrainState):
@@ -274,10 +286,11 @@ class Steps:
     ema = optim_lib.ema_update(state.g_ema_params, state.g_params, beta)
     return state.replace(g_ema_params=ema, step=state.step + 1)
 
-  def compile(self, state: TrainState, reals) -> None:
-    """Compiles every phase ahead of time (so the first steps' rate is not compile time)."""
+  def compile(self, state: TrainState, reals):
+    """Compiles every phase ahead of time (so the first steps' rate is not compile time);
+    returns `train_step`, what common.loop.run calls."""
     if self.compiled:  # Steps are cached per (config, mesh): a resume in-process reuses them.
-      return
+      return self.train_step
     self.compiled = True
     l = self.config.loss
     self.g_main = self.g_main.lower(state).compile()
@@ -287,6 +300,7 @@ class Steps:
     if l.r1_gamma > 0:
       self.d_reg = self.d_reg.lower(state, reals).compile()
     self.finish = self.finish.lower(state).compile()
+    return self.train_step
 
   # -- one whole step --------------------------------------------------------
 
@@ -312,9 +326,13 @@ def _compute_key(config: ml_collections.ConfigDict) -> str:
   t = config.train
   return json.dumps({
       'model': config.model.to_dict(), 'loss': config.loss.to_dict(),
-      'optim': config.optim.to_dict(), 'augment': config.augment.to_dict(),
+      'optim': config.optim.to_dict(), 'disc_optim': config.disc_optim.to_dict(),
+      'augment': config.augment.to_dict(), 'params': config.params.to_dict(),
       'train': {'batch_size': t.batch_size, 'ema_kimg': t.ema_kimg,
-                   'ema_rampup': t.ema_rampup}}, sort_keys=True)
+                # The optimisers' schedules depend on the run's length only when they decay.
+                'num_steps': t.num_steps if 'cosine' in (config.optim.lr_schedule,
+                                                         config.disc_optim.lr_schedule) else 0,
+                'ema_rampup': t.ema_rampup}}, sort_keys=True, default=list)
 
 
 @functools.lru_cache(maxsize=4)
@@ -382,71 +400,44 @@ def _grid_hook(writer, workdir: Path, config, reals: np.ndarray):
   return hook
 
 
+class Experiment(experiment.Experiment):
+  """StyleGAN2 on the shared driver: G, D, G_ema and their optimisers in one state; each
+  step runs the phases (common.loop.run calls the `Steps` object); G_ema grids and
+  diversity every train.sample_every steps."""
+  name = 'G and D'
+  run_keys = config_lib.RUN_KEYS
+
+  def validate(self):
+    config_lib.validate(self.config)
+
+  def setup(self):
+    self.images = data_lib.load_dataset(self.config.data)
+    if self.images.shape[1:3] != (self.config.model.resolution,) * 2:
+      raise errors.DataError(f'Data images are {self.images.shape[1:3]} but model.resolution='
+                             f'{self.config.model.resolution}.')
+
+  def init_state(self):
+    return create_state(self.config, _key(self.config.seed))
+
+  def param_trees(self, state):
+    return {'G': state.g_params, 'D': state.d_params}
+
+  def make_step(self, shardings):
+    return get_steps(self.config, self.mesh)
+
+  def batches(self, start):
+    t = self.config.train
+    return data_lib.BatchIterator(self.images, t.batch_size, self.config.seed, step=start)
+
+  def scalars(self, step):
+    return {**super().scalars(step), 'kimg': step * self.config.train.batch_size / 1000.0}
+
+  def hooks(self, writer):
+    return [loop.Hook(self.config.train.sample_every,
+                      _grid_hook(writer, self.workdir, self.config, self.images),
+                      'sampling the G_ema grid')]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   """Trains (resuming from workdir's last checkpoint) until train.num_steps."""
-  config_lib.validate(config)
-  workdir = Path(workdir)
-  loop.check_workdir(config, workdir, config_lib.RUN_KEYS)
-  t = config.train
-  mesh = mesh_lib.make_mesh()
-  mesh_lib.check_batch_size(t.batch_size, mesh, 'train.batch_size')
-
-  images = data_lib.load_dataset(config.data)
-  if images.shape[1:3] != (config.model.resolution,) * 2:
-    raise errors.DataError(f'Data images are {images.shape[1:3]} but model.resolution='
-                           f'{config.model.resolution}.')
-
-  with logs.Timed('initialising G and D'):
-    ckpt, state, start = loop.resume(workdir, init_state(config, mesh), t)
-  loop.record_config(config, workdir)  # Only now: config, data and checkpoint are checked.
-
-  writer = logs.make_writer(workdir)
-  logs.log_parameter_overview(state.g_params, 'G', workdir)
-  logs.log_parameter_overview(state.d_params, 'D', workdir)
-  steps = get_steps(config, mesh)
-  batches = data_lib.BatchIterator(images, t.batch_size, config.seed, step=start)
-  hook = _grid_hook(writer, workdir, config, images)
-  progress = logs.Progress(t.num_steps, writer, start_step=start, items_per_step=t.batch_size)
-  sums: dict[str, Any] = {}
-  counts: dict[str, int] = {}
-
-  if start < t.num_steps:
-    with logs.Timed('compiling the G and D phases'):
-      steps.compile(state, mesh_lib.shard_batch(next(batches), mesh))
-    batches = data_lib.BatchIterator(images, t.batch_size, config.seed, step=start)
-    progress.reset_timer(start)
-  with checkpoint_lib.PreemptionGuard() as guard:
-    for step in range(start, t.num_steps):
-      reals = mesh_lib.shard_batch(next(batches), mesh)
-      state, metrics = steps.train_step(state, reals, step)
-      for k, v in metrics.items():  # Device scalars: no host sync until logging.
-        sums[k] = sums.get(k, 0.0) + v
-        counts[k] = counts.get(k, 0) + 1
-      done = step + 1
-      last = done == t.num_steps
-      stop = guard.should_stop(done)
-      if done % t.log_every == 0 or done % t.checkpoint_every == 0 or last or stop:
-        scalars = {k: float(sums[k]) / counts[k] for k in sums}
-        scalars['augment/p'] = float(state.ada_p)
-        scalars['kimg'] = done * t.batch_size / 1000.0
-        logs.check_finite(done, scalars)  # Before saving: never checkpoint a NaN state.
-        progress.update(done, scalars)
-        sums, counts = {}, {}
-      if t.sample_every and (done % t.sample_every == 0 or last or done == 1):
-        hook(done, state)
-        progress.reset_timer(done)
-      ckpt.save(done, state, force=last or stop)
-      if stop:
-        logging.warning('Stopped at step %d on request; rerun the same command to resume.', done)
-        break
-  ckpt.close()
-  writer.close()
-  return state
-
-
-def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-  """The latest checkpoint's state (G_ema and w_avg are what sampling needs)."""
-  config_lib.validate(config)
-  abstract = jax.eval_shape(lambda: create_state(config, _key(0)))  # Restored replicated.
-  return checkpoint_lib.restore_latest(
-      workdir, abstract, 'train first with --mode=train and the same --workdir.')
+  return experiment.train_and_evaluate(Experiment(config), workdir)

@@ -53,9 +53,9 @@ def tiny_config(data_path=None):
   return config
 
 
-def write_tiny_config_file(folder, *overrides: str) -> Path:
+def write_tiny_config_file(folder, *overrides: str, name: str = 'tiny') -> Path:
   """A config file for `python -m ddpm.main`: tiny_config() plus `c.KEY = VALUE` lines."""
-  path = folder / 'tiny.py'
+  path = folder / f'{name}.py'
   body = ''.join(f'  {line}\n' for line in overrides)
   path.write_text(f'import sys\nsys.path.insert(0, {str(REPO / "tests")!r})\n'
                   'from test_ddpm_train import tiny_config\n'
@@ -167,7 +167,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     assert noise not in out, out[-3000:]
   logged = re.findall(r'step (\d+)/60 ', out)
   assert logged and len(logged) == len(set(logged)), out[-3000:]
-  assert 'Compiling the train step...' in out and 'Done compiling the train step in' in out
+  assert 'Compiling the U-Net train step...' in out and 'Done compiling the U-Net train step in' in out
 
   resumed = train.train_and_evaluate(config, str(tmp_path / 'split'))
   assert int(resumed.step) == 60
@@ -291,15 +291,18 @@ def test_shipped_configs_validate_and_have_expected_size(name):
 
 @pytest.mark.slow  # Three jobs of their own (~4 min on 2 busy cores): CI's slow tier runs it.
 def test_two_process_run_matches_one_process(tmp_path):
-  """A cluster job in miniature: 2 processes x 2 CPU devices (gloo) against 1 x 4 devices."""
+  """A cluster job in miniature: 2 processes x 2 CPU devices (gloo), the state sharded over
+  an fsdp axis of all 4 devices (so it spans both processes), against 1 x 4 data-parallel."""
   import socket  # pylint: disable=g-import-not-at-top
-  config_file = write_tiny_config_file(tmp_path, 'c.train.num_steps = 6',
-                                       'c.train.checkpoint_every = 3')
+  steps = ('c.train.num_steps = 6', 'c.train.checkpoint_every = 3')
+  config_file = write_tiny_config_file(tmp_path, *steps)
+  fsdp_config_file = write_tiny_config_file(tmp_path, *steps, 'c.mesh.fsdp = 4',
+                                            'c.params.min_shard_size = 0', name='tiny_fsdp')
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
 
-  def launch(workdir, n_proc, devices_per_proc, pid):
+  def launch(workdir, n_proc, devices_per_proc, pid, config_file=config_file):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices_per_proc),
                JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', PYTHONUNBUFFERED='1')
     env.pop('XLA_FLAGS', None)
@@ -310,11 +313,13 @@ def test_two_process_run_matches_one_process(tmp_path):
         [sys.executable, '-m', 'ddpm.main', f'--config={config_file}', f'--workdir={workdir}'],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-  procs = [launch(tmp_path / 'multi', 2, 2, i) for i in range(2)]
+  procs = [launch(tmp_path / 'multi', 2, 2, i, fsdp_config_file) for i in range(2)]
   procs.append(launch(tmp_path / 'single', 1, 4, 0))
+  outs = []
   for p in procs:
-    out = p.communicate(timeout=400)[0].decode()
-    assert p.returncode == 0, out[-4000:]
+    outs.append(p.communicate(timeout=400)[0].decode())
+    assert p.returncode == 0, outs[-1][-4000:]
+  assert 'State sharded over fsdp=4' in outs[0], outs[0][-4000:]
 
   config = tiny_config()
   restored = {}

@@ -144,10 +144,10 @@ def test_train_step_with_lpips_logs_it_and_adds_it_at_ldm_scale(tmp_path):
   tx, disc_tx = vae_train.make_optimizers(config)
   state = vae_train.create_train_state(config, model, disc, tx, disc_tx, mesh)
   params_before = jax.device_get(state.params)
-  step = vae_train.make_train_step(config, model, disc, tx, disc_tx, mesh, with_lpips=True)
+  lpips_params = mesh_lib.place(lpips_params, mesh)
+  step = vae_train.make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params)
   batch = mesh_lib.shard_batch(
       np.random.RandomState(0).randint(0, 256, (4, 16, 16, 3), dtype=np.uint8), mesh)
-  lpips_params = mesh_lib.replicate(lpips_params, mesh)
   step = step.lower(state, batch, lpips_params).compile()  # As loop.run does.
   new_state, metrics = step(state, batch, lpips_params)
   m = {k: float(v) for k, v in jax.device_get(metrics).items()}

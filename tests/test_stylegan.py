@@ -16,7 +16,7 @@ from scipy import signal as scipy_signal
 
 from conftest import shared_path
 from stylegan import augment, loss, networks
-from stylegan import config as config_lib
+from stylegan.configs import base as config_lib
 from stylegan.configs import anime64, demo
 
 TINY_MODEL = dict(resolution=32, z_dim=32, w_dim=32, mapping_layers=2,
@@ -435,9 +435,10 @@ def test_resume_reproduces_the_uninterrupted_run(trained):
 
 
 def test_checkpoint_round_trip_and_sampling(trained, tmp_path):
+  from common import experiment  # pylint: disable=g-import-not-at-top
   from stylegan import sample, training_loop  # pylint: disable=g-import-not-at-top
   config, workdir = trained['config'], trained['root'] / 'straight'
-  restored = training_loop.restore_for_sampling(config, workdir)
+  restored = experiment.restore_for_sampling(training_loop.Experiment(config), workdir, '')
   for x, y in zip(jax.tree.leaves(trained['straight']), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   config = config.copy_and_resolve_references()

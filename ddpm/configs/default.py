@@ -2,15 +2,23 @@
 
 `validate` runs before any data is read or any array is made, and names the
 offending key.
+
+Imports no model code (only `common`): the choice lists below are defined here;
+`ddpm.diffusion` and `ddpm.samplers` import PREDICTIONS and SPACINGS from here, and
+the registries `ddpm.samplers.SAMPLERS` / `ddpm.schedules.SCHEDULES` are keyed by
+exactly these names (tests/test_configs.py checks that they agree).
 """
 
 import ml_collections
 
-from common import augment, data, optim
+from common import augment, data, mesh, optim, params
 from common import config as config_lib
-from ddpm import diffusion, samplers, schedules
 
 DTYPES = ('float32', 'bfloat16')
+SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')  # ddpm.schedules.SCHEDULES' keys.
+PREDICTIONS = ('eps', 'x0', 'v')                               # What the network predicts.
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')                      # ddpm.samplers.SAMPLERS' keys.
+SPACINGS = ('leading', 'trailing', 'linspace')                 # Inference timestep spacings.
 
 # Settings a run's checkpoints depend on: resuming a workdir with other values is an
 # error (common.loop.check_workdir). Prefixes cover their sub-keys.
@@ -28,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
                                    # default. XLA's in-process CPU all-reduce can stall when the
                                    # devices outnumber idle cores, so runs that matter keep 0.
 
+  config.mesh = mesh.get_config()     # mesh.fsdp=N shards params and optimiser state N ways.
+  config.params = params.get_config() # Trainable/frozen, lr multipliers, decay, sharding rules.
+
   config.data = data.get_config()
   config.augment = augment.get_config()
 
@@ -40,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.norm_groups = 32
   m.dropout = 0.0
   m.dtype = 'float32'              # Compute dtype; 'bfloat16' keeps float32 params.
+  m.remat = False                  # Recompute block activations in the backward pass (memory).
 
   config.diffusion = d = ml_collections.ConfigDict()
   d.schedule = 'linear'
@@ -51,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = t = ml_collections.ConfigDict()
   t.batch_size = 128               # Global, over all devices and hosts.
+  t.grad_accum_steps = 1           # Split each batch into this many sequential micro-batches.
   t.num_steps = 100_000
   t.log_every = 100
   t.checkpoint_every = 5_000
@@ -83,6 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data.validate(config.data)
   augment.validate(config.augment)
   optim.validate(config.optim)
+  mesh.validate(config.mesh)
+  params.validate(config.params)
   config_lib.check_positive(config.cpu_devices, 'cpu_devices', allow_zero=True)
   validate_model(config.model, config.data.image_size)
   validate_diffusion(config.diffusion)
@@ -117,9 +132,9 @@ def validate_model(m: ml_collections.ConfigDict, size: int, size_name: str = 'da
 
 
 def validate_diffusion(d: ml_collections.ConfigDict) -> None:
-  config_lib.check_choice(d.schedule, schedules.SCHEDULES, 'diffusion.schedule')
+  config_lib.check_choice(d.schedule, SCHEDULES, 'diffusion.schedule')
   config_lib.check_positive(d.num_timesteps, 'diffusion.num_timesteps')
-  config_lib.check_choice(d.prediction, diffusion.PREDICTIONS, 'diffusion.prediction')
+  config_lib.check_choice(d.prediction, PREDICTIONS, 'diffusion.prediction')
   config_lib.check_positive(d.min_snr_gamma, 'diffusion.min_snr_gamma', allow_zero=True)
 
 
@@ -129,11 +144,15 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
     config_lib.check_positive(t[key], f'train.{key}')
   config_lib.check_positive(t.sample_every, 'train.sample_every', allow_zero=True)
   config_lib.check_range(t.ema_decay, 0.0, 1.0, 'train.ema_decay')
+  config_lib.check_positive(t.grad_accum_steps, 'train.grad_accum_steps')
+  if t.batch_size % t.grad_accum_steps:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
+                     f'train.grad_accum_steps={t.grad_accum_steps}.')
 
 
 def validate_sample(s: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
-  config_lib.check_choice(s.sampler, samplers.SAMPLERS, 'sample.sampler')
-  config_lib.check_choice(s.spacing, samplers.SPACINGS, 'sample.spacing')
+  config_lib.check_choice(s.sampler, SAMPLERS, 'sample.sampler')
+  config_lib.check_choice(s.spacing, SPACINGS, 'sample.spacing')
   config_lib.check_choice(s.ddpm_variance, ('fixed_small', 'fixed_large'), 'sample.ddpm_variance')
   config_lib.check_range(s.eta, 0.0, 1.0, 'sample.eta')
   if not 1 <= s.num_steps <= d.num_timesteps:

@@ -79,9 +79,11 @@ def validate(config: ml_collections.ConfigDict, vae_factor: int | None = None) -
   if not config.vae_workdir:
     raise ValueError('vae_workdir must name the stage-1 workdir (train one with '
                      'python -m latent.main --config=latent/configs/vae_anime.py --workdir=DIR).')
-  from common import data, optim  # pylint: disable=g-import-not-at-top
+  from common import data, mesh, optim, params  # pylint: disable=g-import-not-at-top
   data.validate(config.data)
   optim.validate(config.optim)
+  mesh.validate(config.mesh)
+  params.validate(config.params)
   config_lib.check_positive(config.cpu_devices, 'cpu_devices', allow_zero=True)
   c = config.conditioning
   config_lib.check_choice(c.kind, CONDITIONING, 'conditioning.kind')

@@ -2,21 +2,88 @@
 
 `validate` runs before any data is read or any array is made, and names the
 offending key.
+
+Imports no model code (only `common`): the loss choice lists and the jax-free
+checks (`discriminator_output_size`, `check_lpips`) are defined here, and
+`latent.vae_loss` imports them from here.
 """
 
-import ml_collections
+from __future__ import annotations
 
-from common import data, optim
+import os
+
+import ml_collections
+import numpy as np
+
+from common import data, errors, mesh, optim, params
 from common import config as config_lib
-from latent import vae_loss
 
 DTYPES = ('float32', 'bfloat16')
+REC_LOSSES = ('l1', 'l2', 'l1+l2')  # Summed over pixels, as LDM (latent.vae_loss).
+DISC_NORMS = ('group', 'none')      # The patch discriminator's norm (no BatchNorm: see vae_loss).
+
+# LPIPS-VGG's converted weights (.npz), as latent/lpips.py makes and loads them: the arrays of
+# torchvision vgg16's 3x3 convs (by their index in `features`) in LPIPS' five slices, and one
+# 1x1 head per slice. tests/test_configs.py checks these names against latent.lpips.
+_LPIPS_VGG16_CONVS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
+LPIPS_KEYS = tuple(sorted(
+    [f'lin{s}.kernel' for s in range(len(_LPIPS_VGG16_CONVS))]
+    + [f'net.slice{s + 1}.{i}.{p}' for s, convs in enumerate(_LPIPS_VGG16_CONVS)
+       for i in convs for p in ('bias', 'kernel')]))
+VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+_LPIPS_CONVERT = ('python -m latent.lpips convert --vgg vgg16-397923af.pth --lin vgg.pth '
+                  '--out {out}')
 
 
 # Settings a run's checkpoints depend on (common.loop.check_workdir): resuming with other
 # values is an error. Stage 2 also rebuilds the autoencoder from them.
 RUN_KEYS = ('data.image_size', 'vae', 'loss.disc_channels', 'loss.disc_layers',
             'loss.disc_norm')
+
+
+def discriminator_output_size(image_size: int, num_layers: int) -> int:
+  """Side of the patch-logit map: each stride-2 conv halves, each stride-1 4x4 conv loses 1."""
+  return image_size // 2**num_layers - 2
+
+
+def lpips_convert_command(out: str | os.PathLike = 'lpips_vgg.npz') -> str:
+  """The command that makes the LPIPS-VGG .npz (latent.lpips.convert_command is this)."""
+  return (f'{_LPIPS_CONVERT.format(out=out)} (vgg16-397923af.pth: {VGG16_URL}; vgg.pth: '
+          'lpips/weights/v0.1/vgg.pth inside the `lpips` wheel, used when --lin is left out '
+          'and lpips is installed)')
+
+
+def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -> None:
+  """lpips_weight > 0 needs `lpips_weights`, an existing LPIPS-VGG .npz (checked before compute).
+
+  The weights cannot be downloaded at run time: the user converts them once
+  (see latent/lpips.py); without them LPIPS is refused, never silently skipped.
+  Reads the file's array names only (its zip directory), not the arrays.
+  """
+  if lpips_weight < 0:
+    raise errors.ConfigError(f'{prefix}.lpips_weight must be >= 0, got {lpips_weight!r}.')
+  if lpips_weight == 0:
+    return
+  key = f'{prefix}.lpips_weights'
+  if not lpips_weights:
+    raise errors.ConfigError(
+        f'{prefix}.lpips_weight={lpips_weight} needs {key}, the LPIPS-VGG weights (.npz), which '
+        f'is empty. Make the file with: {lpips_convert_command()}, then set {key} to it (or '
+        f'set {prefix}.lpips_weight=0).')
+  if not os.path.isfile(lpips_weights):
+    raise errors.MissingFileError(
+        f'{key}={lpips_weights!r}: no such file (needed by {prefix}.lpips_weight={lpips_weight}). '
+        f'Make it with: {lpips_convert_command(lpips_weights)}')
+  try:
+    with np.load(lpips_weights) as npz:
+      keys = list(npz.files)
+  except Exception as e:  # pylint: disable=broad-except  # Not a zip / not an .npz.
+    raise errors.ConfigError(f'{key}={lpips_weights!r} is not an .npz file ({e}). Make it with: '
+                             f'{lpips_convert_command(lpips_weights)}') from e
+  missing = sorted(set(LPIPS_KEYS) - set(keys))
+  if missing:
+    raise errors.ConfigError(f'{key}={lpips_weights!r} lacks the LPIPS-VGG arrays {missing}. Make '
+                             f'it with: {lpips_convert_command(lpips_weights)}')
 
 
 def _adam_ldm() -> ml_collections.ConfigDict:
@@ -37,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage = 'vae'             # latent.main dispatches on this: 'vae' is stage 1.
   config.seed = 0
   config.cpu_devices = 0           # >1 splits a CPU-only machine into data-parallel devices.
+
+  config.mesh = mesh.get_config()
+  config.params = params.get_config()  # Rules over both nets' paths (autoencoder and D).
 
   config.data = data.get_config()
   config.data.source = 'folder'
@@ -87,6 +157,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data.validate(config.data)
   optim.validate(config.optim, 'optim')
   optim.validate(config.disc_optim, 'disc_optim')
+  mesh.validate(config.mesh)
+  params.validate(config.params)
 
   v, l, t = config.vae, config.loss, config.train
   size = config.data.image_size
@@ -107,18 +179,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive(v.latent_channels, 'vae.latent_channels')
   config_lib.check_choice(v.dtype, DTYPES, 'vae.dtype')
 
-  config_lib.check_choice(l.rec_loss, vae_loss.REC_LOSSES, 'loss.rec_loss')
+  config_lib.check_choice(l.rec_loss, REC_LOSSES, 'loss.rec_loss')
   config_lib.check_positive(l.kl_weight, 'loss.kl_weight', allow_zero=True)
   config_lib.check_positive(l.disc_start, 'loss.disc_start', allow_zero=True)
   config_lib.check_positive(l.disc_weight, 'loss.disc_weight', allow_zero=True)
   config_lib.check_positive(l.disc_channels, 'loss.disc_channels')
   config_lib.check_positive(l.disc_layers, 'loss.disc_layers')
-  config_lib.check_choice(l.disc_norm, vae_loss.DISC_NORMS, 'loss.disc_norm')
-  if vae_loss.discriminator_output_size(size, l.disc_layers) < 1:
+  config_lib.check_choice(l.disc_norm, DISC_NORMS, 'loss.disc_norm')
+  if discriminator_output_size(size, l.disc_layers) < 1:
     raise ValueError(
         f'loss.disc_layers={l.disc_layers} is too deep for data.image_size={size}: the patch '
         f'discriminator needs image_size / 2^disc_layers >= 3.')
-  vae_loss.check_lpips(l.lpips_weight, l.lpips_weights, 'loss')
+  check_lpips(l.lpips_weight, l.lpips_weights, 'loss')
 
   for key in ('batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
               'num_eval_images', 'scale_factor_images'):

@@ -9,11 +9,11 @@ gamma 0.01, a 2-layer mapping network; channels are kept small (32 at 32x32) so 
 takes a fraction of a second on a CPU. Measured results: benchmarks/RESULTS.md.
 """
 
-from stylegan import config as config_lib
+from stylegan.configs import base
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = base.get_config()
   c.data.source = 'folder'
   c.data.path = '../shared/data/anime_faces_getchu64/images'
   c.data.image_size = 32

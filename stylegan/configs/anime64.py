@@ -5,11 +5,11 @@ python -m stylegan.main --config=stylegan/configs/anime64.py --workdir=runs/sg_a
 Defaults to the 15.8k getchu faces in ../shared for a quick real-data run.
 """
 
-from stylegan import config as config_lib
+from stylegan.configs import base
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = base.get_config()
   c.data.source = 'folder'
   c.data.path = '../shared/data/anime_faces_getchu64/images'
   c.data.image_size = 64

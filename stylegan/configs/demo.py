@@ -11,11 +11,11 @@ with a group of 16, D sees each batch's spread and the samples stay varied
 (0.77 at 24k images). See benchmarks/RESULTS.md.
 """
 
-from stylegan import config as config_lib
+from stylegan.configs import base
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = base.get_config()
   c.data.source = 'digits'
   c.data.image_size = 32
   c.model.resolution = 32

@@ -1,28 +1,59 @@
-"""The StyleGAN config: reference defaults and validation before any compute.
+"""The StyleGAN base config: every key with defaults, and validation before any compute.
 
-`configs/*.py` start from `base_config()` and override values; `validate`
-rejects unknown keys (typos) and bad values, naming the key, before main
-touches data or devices.
+The experiment configs beside it (`demo.py`, `anime32.py`, `anime64.py`) start
+from `get_config()` and override values; `validate` rejects unknown keys
+(typos) and bad values, naming the key, before main touches data or devices.
+
+Imports no model code (only `common`): the choice lists and the augmentation
+policy parser live here, and `stylegan.networks` / `stylegan.augment` import
+them from here.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import ml_collections
 
 from common import errors
 from common import config as config_lib
 from common import data as data_lib
-from stylegan import augment as augment_lib
-from stylegan import networks
+from common import mesh as mesh_lib
+from common import optim as optim_lib
+from common import params as params_lib
 
-NOISE_MODES = networks.NOISE_MODES
+# Per-layer noise of the synthesis network (stylegan.networks checks it at call time).
+NOISE_MODES = ('random', 'const', 'none')
+
+# DiffAugment's ops (stylegan.augment implements them).
+AUGMENTATIONS = ('color', 'translation', 'cutout')
 
 # Settings a run's checkpoints depend on (common.loop.check_workdir): resuming a
 # workdir with other values is an error.
 RUN_KEYS = ('data.image_size', 'model')
 
 
-def base_config() -> ml_collections.ConfigDict:
+def parse_policy(policy: str | Sequence[str]) -> tuple[str, ...]:
+  """'color,translation,cutout' -> a tuple; '' -> (); unknown names raise ValueError."""
+  names = [p.strip() for p in policy.split(',')] if isinstance(policy, str) else list(policy)
+  names = tuple(n for n in names if n)
+  for n in names:
+    if n not in AUGMENTATIONS:
+      raise ValueError(f'Unknown augmentation {n!r}; choose from {", ".join(AUGMENTATIONS)}.')
+  return names
+
+
+def _adam_reference() -> ml_collections.ConfigDict:
+  """stylegan2-ada-pytorch's Adam: lr 0.0025, betas (0, 0.99), eps 1e-8, no warm-up or clip."""
+  o = optim_lib.get_config()
+  o.learning_rate = 0.0025
+  o.b1, o.b2, o.eps = 0.0, 0.99, 1e-8
+  o.warmup_steps = 0
+  o.grad_clip_norm = 0.0
+  return o
+
+
+def get_config() -> ml_collections.ConfigDict:
   """Every key a StyleGAN config may set, with stylegan2-ada-pytorch defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -49,12 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
   l.g_reg_interval = 4
   l.style_mixing_prob = 0.9
 
-  c.optim = o = ml_collections.ConfigDict()
-  o.g_lr = 0.0025
-  o.d_lr = 0.0025
-  o.beta1 = 0.0
-  o.beta2 = 0.99
-  o.eps = 1e-8
+  c.mesh = mesh_lib.get_config()
+  c.params = params_lib.get_config()  # Rules over G's and D's parameter paths.
+
+  c.optim = _adam_reference()       # G's optimiser (common.optim keys).
+  c.disc_optim = _adam_reference()  # D's.
 
   c.augment = a = ml_collections.ConfigDict()
   a.policy = 'color,translation,cutout'  # DiffAugment ops; '' turns augmentation off.
@@ -88,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises KeyError/ValueError naming the offending key."""
-  config_lib.check_keys(config, base_config())
+  config_lib.check_keys(config, get_config())
   data_lib.validate(config.data)
   m, l, o, a, t, s = (config.model, config.loss, config.optim, config.augment,
                       config.train, config.sample)
@@ -108,12 +138,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_positive(l[name], f'loss.{name}')
   config_lib.check_range(l.pl_decay, 0.0, 1.0, 'loss.pl_decay')
   config_lib.check_range(l.style_mixing_prob, 0.0, 1.0, 'loss.style_mixing_prob')
-  config_lib.check_positive(o.g_lr, 'optim.g_lr')
-  config_lib.check_positive(o.d_lr, 'optim.d_lr')
-  config_lib.check_range(o.beta1, 0.0, 1.0, 'optim.beta1')
-  config_lib.check_range(o.beta2, 0.0, 1.0, 'optim.beta2')
+  optim_lib.validate(o, 'optim')
+  optim_lib.validate(config.disc_optim, 'disc_optim')
+  mesh_lib.validate(config.mesh)
+  params_lib.validate(config.params)
   try:
-    augment_lib.parse_policy(a.policy)
+    parse_policy(a.policy)
   except ValueError as e:
     raise errors.ConfigError(f'augment.policy: {e}') from None
   config_lib.check_range(a.p, 0.0, 1.0, 'augment.p')
