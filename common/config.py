@@ -61,3 +61,17 @@ def flatten(config: Mapping, prefix: str = '') -> dict[str, Any]:
     else:
       out[f'{prefix}{k}'] = v
   return out
+
+
+def parse_weighted_path(spec: str, name: str) -> tuple[str, float]:
+  """'runs/ft/lora.safetensors:0.8' -> (path, 0.8); without ':STRENGTH' the strength is 1."""
+  if not isinstance(spec, str) or not spec:
+    raise ConfigError(f'{name}={spec!r} must be a file path, optionally with ":STRENGTH".')
+  path, sep, strength = spec.rpartition(':')
+  if not sep:
+    return spec, 1.0
+  try:
+    return path, float(strength)
+  except ValueError:
+    raise ConfigError(f'{name}={spec!r}: {strength!r} after the last ":" is not a number '
+                      '(write PATH:STRENGTH, e.g. lora.safetensors:0.8).') from None

@@ -64,6 +64,21 @@ def path_str(path: Iterable[Any]) -> str:
   return '/'.join(parts)
 
 
+# Flax module names are diffusers' with each '.N' written '_N' (ddpm.convert); LoRA files and
+# weight export go back to the torch names. These torch names have a '_N' of their own.
+_TORCH_UNDERSCORE_NAMES = ('linear_1', 'linear_2')
+
+
+def torch_module_name(path: tuple[str, ...]) -> str:
+  """('down_blocks_1.attentions_0', 'to_out_0') -> 'down_blocks.1.attentions.0.to_out.0'."""
+  name = '.'.join(path)
+  protected = {n: n.replace('_', '\0') for n in _TORCH_UNDERSCORE_NAMES}
+  for n, p in protected.items():
+    name = re.sub(rf'(^|\.){n}(?=\.|$)', lambda m, p=p: m.group(1) + p, name)
+  name = re.sub(r'_(\d+)(?=\.|$)', r'.\1', name)
+  return name.replace('\0', '_')
+
+
 class Rules:
   """The compiled `config.params` rules (see the module docstring)."""
 

@@ -19,6 +19,7 @@ import flax
 import numpy as np
 
 from common import errors
+from common import params as params_lib
 from ddpm import models
 
 
@@ -50,6 +51,24 @@ def params_from_torch_state_dict(state_dict: dict[str, np.ndarray], reference_pa
   if unused:
     raise KeyError(f'diffusers weights with no Flax counterpart: {unused[:5]}...')
   return flax.traverse_util.unflatten_dict(out)
+
+
+def params_to_torch_state_dict(params) -> dict[str, np.ndarray]:
+  """Flax params -> the diffusers state dict (numpy) of the same U-Net (or autoencoder):
+  the inverse of `params_from_torch_state_dict`, for saving our models where diffusers
+  opens them (`load_state_dict`, `save_pretrained`)."""
+  out = {}
+  for path, w in flax.traverse_util.flatten_dict(params).items():
+    leaf = path[-1]
+    if leaf not in ('kernel', 'scale', 'bias'):
+      raise KeyError(f'{"/".join(path)} has no diffusers counterpart (a LoRA adapter? merge it '
+                     'first with common.lora.merged).')
+    w = np.asarray(w, np.float32)
+    if leaf == 'kernel':
+      w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T  # HWIO -> OIHW; (in, out) -> (out, in).
+    name = params_lib.torch_module_name(path[:-1])
+    out[f'{name}.{"bias" if leaf == "bias" else "weight"}'] = np.ascontiguousarray(w)
+  return out
 
 
 def diffusers_config(unet: models.UNet) -> dict:

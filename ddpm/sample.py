@@ -14,7 +14,7 @@ import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from common import imageio, logs, mesh as mesh_lib
+from common import imageio, logs, lora, mesh as mesh_lib
 from ddpm import train
 from ddpm.configs import default as default_config
 
@@ -36,6 +36,7 @@ def generate(config, workdir: str | Path) -> Path:
   out = Path(s.output_dir or Path(workdir) / 'samples')
   exp = train.Experiment(config)
   model, params, schedule = exp.model, exp.sampling_params(workdir, s.use_ema), exp.schedule
+  params = lora.apply_files(params, s.adapters)
   mesh = exp.mesh
   sample_fn = train.make_sample_fn(config, model, schedule)
   batch = math.ceil(min(s.batch_size, s.num_images) / mesh.devices.size) * mesh.devices.size

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from common import augment, data, experiment, imageio, logs, loop, mesh as mesh_lib, optim
+from common import augment, data, experiment, imageio, logs, loop, lora, mesh as mesh_lib, optim
 from common import params as params_lib
 from ddpm import diffusion, models, samplers, schedules
 from ddpm.configs import default as default_config
@@ -102,6 +102,7 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, x0)
 
   def loss_fn(params, b):
+    params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     model_fn = lambda xt, t: model.apply({'params': params}, xt, t, train=True,
                                          rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, b['x0'], b['t'], b['eps'],
@@ -140,6 +141,7 @@ def make_sample_fn(config, model, schedule, num_snapshots: int = 0, **overrides)
   kwargs = samplers.options_from_config(config, num_snapshots=num_snapshots, **overrides)
 
   def sample_fn(params, rng, x_T):
+    params = lora.merged(params)
     model_fn = lambda x, t: model.apply({'params': params}, x, t)
     return samplers.sample(schedule, model_fn, x_T, rng, **kwargs)
 

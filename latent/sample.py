@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from common import errors, experiment, imageio, logs, mesh as mesh_lib
+from common import errors, experiment, imageio, logs, lora, mesh as mesh_lib
 from latent import conditions as conditions_lib
 from latent import train, vae_train
 from latent.configs import ldm_base
@@ -36,7 +36,7 @@ def restore(config, workdir: str | Path, use_ema: bool = True):
   logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                int(state.step))
   params = exp.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
-  return exp.model, params, exp.conds, exp.stage1
+  return exp.model, lora.apply_files(params, config.sample.adapters), exp.conds, exp.stage1
 
 
 def read_prompts(s) -> list[str]:

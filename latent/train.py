@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import data, experiment, imageio, logs, loop, mesh as mesh_lib, optim
+from common import data, experiment, imageio, logs, loop, lora, mesh as mesh_lib, optim
 from ddpm import diffusion, samplers
 from ddpm import train as ddpm_train
 from latent import conditions as conditions_lib
@@ -107,6 +107,7 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, z0)
 
   def loss_fn(params, mb):
+    params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     context, mask, null, null_mask = condition(model, params, mb['ids'])
     context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
     model_fn = lambda zt, t: model.apply({'params': params}, zt, t, context, mask, train=True,
@@ -133,6 +134,7 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
   """
 
   def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None):
+    params = lora.merged(params)
     context, mask, null, null_mask = condition(model, params, ids)
     apply = lambda x, t, c, m: model.apply({'params': params}, x, t, c, m)
     model_fn = guidance.guided_model_fn(apply, context, mask, null, null_mask, guidance_scale)

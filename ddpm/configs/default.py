@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   s.use_ema = True
   s.seed = 1
   s.progressive = True             # Also write progressive.png (5 samples x 10 stages).
+  s.adapters = ()                  # LoRA files (PEFT/diffusers format) as 'PATH[:STRENGTH]',
+                                   # folded into the weights before sampling.
   return config
 
 
@@ -151,6 +153,8 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
 
 
 def validate_sample(s: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+  for i, spec in enumerate(s.adapters):
+    config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')
   config_lib.check_choice(s.sampler, SAMPLERS, 'sample.sampler')
   config_lib.check_choice(s.spacing, SPACINGS, 'sample.spacing')
   config_lib.check_choice(s.ddpm_variance, ('fixed_small', 'fixed_large'), 'sample.ddpm_variance')
