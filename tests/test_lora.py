@@ -9,7 +9,7 @@ import pytest
 import torch
 import flax.traverse_util
 
-from common import data, lora, mesh as mesh_lib, params as params_lib
+from common import data, lora, params as params_lib
 from ddpm import convert, models, train
 from test_ddpm_train import tiny_config
 
@@ -138,7 +138,6 @@ def test_training_moves_only_the_adapter():
   model, schedule = train.build_model(config), train.build_schedule(config)
   rules = train.rules_of(config)
   tx = train.make_optimizer(config, rules)
-  mesh = mesh_lib.make_mesh()
   base = train.init_state(config, model, tx).params  # Built before the rules see adapters.
   params = lora.add(base, jax.random.PRNGKey(5), rank=2)
   rules.check({'U-Net': params})
