@@ -420,6 +420,9 @@ def load_vae(workdir: str | Path):
   if config.get('stage') != 'vae':
     raise errors.ConfigError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
   exp = Experiment(config)
+  # This process's devices, whatever mesh stage 1 trained on (its config.json's mesh.fsdp may
+  # not divide them); stage 2 then places the weights on its own mesh.
+  exp.mesh = mesh_lib.make_mesh()
   state = experiment.restore_for_sampling(exp, workdir, how_to_train)
   model = exp.nets[0]
   scale_factor = float(state.scale_factor)

@@ -211,3 +211,18 @@ def test_unknown_class_prompt_is_an_error(ldm_run, tmp_path):
   config.sample.output_dir = str(tmp_path / 'out')
   assert len(list(sample.generate(config, class_dir).glob('*.jpg'))) == 3
   assert checkpoint.Checkpointer(class_dir, read_only=True).latest_step() == 1
+
+
+def test_a_vae_trained_sharded_loads_on_this_process_devices(vae_dir, tmp_path):
+  """Stage 1 trained with mesh.fsdp=8 (its config.json says so) loads on one device."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'vae'
+  shutil.copytree(vae_dir, copy)
+  record = json.loads((copy / 'config.json').read_text())
+  record['mesh'] = {'fsdp': 8}
+  (copy / 'config.json').write_text(json.dumps(record))
+  _, params, scale_factor, _ = vae_train.load_vae(copy)
+  _, reference, reference_scale, _ = vae_train.load_vae(vae_dir)
+  assert scale_factor == reference_scale
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
