@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral (all T steps), DDIM (S steps, eta) and DPM-Solver++(2M).
+"""Samplers: DDPM ancestral (all T steps), DDIM (S steps, eta), DPM-Solver++(2M), and
+diffusers' Euler, Euler ancestral, Heun and DPM++(2M) Karras (stepping in sigma).
 
 Each sampler is a pure step function plus a loop written with `lax.scan`, so
 the whole trajectory compiles into one XLA program: no Python per step.
@@ -16,6 +17,7 @@ Timestep spacings follow diffusers' schedulers (Lin et al. 2023, table 2):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm import diffusion
-from ddpm.configs.default import SPACINGS  # The choice list lives with the config.
+from ddpm.configs.default import SIGMA_SAMPLERS, SPACINGS  # Choice lists live with the config.
 from ddpm.schedules import Schedule
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -119,6 +121,131 @@ def dpm_solver_2m_step(s: Schedule, x0: jnp.ndarray, x0_prev: jnp.ndarray, xt: j
   return jnp.where(last, x0, x_next)
 
 
+# --- Samplers on sigmas: diffusers' Euler, Euler ancestral, Heun, DPM++(2M) Karras ---------
+#
+# Karras et al. (2022) write the forward process as x = x0 + sigma * eps with
+# sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod), i.e. x = x_t / alpha_t. These
+# samplers step in sigma and call the model on x / sqrt(sigma^2 + 1) (= x_t) at a possibly
+# fractional timestep, as diffusers' schedulers of the same names do (Stable Diffusion's
+# usual choices); their sigma/timestep tables below follow those schedulers exactly.
+
+
+def _train_sigmas(s: Schedule) -> np.ndarray:
+  a = np.asarray(s.alphas_cumprod, np.float64)
+  return np.sqrt((1 - a) / a)
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """The (fractional) timestep of each sigma, interpolating log sigma linearly."""
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return (1 - w) * low + w * (low + 1)
+
+
+def _karras(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
+  """Karras et al.'s (eq. 5) n sigmas from sigma_max down to sigma_min."""
+  ramp = np.linspace(0, 1, n)
+  lo, hi = sigma_min**(1 / rho), sigma_max**(1 / rho)
+  return (hi + ramp * (lo - hi))**rho
+
+
+def sigma_schedule(s: Schedule, num_steps: int, spacing: str = 'linspace', karras: bool = False,
+                   steps_offset: int = 0, sampler: str = 'euler'):
+  """(sigmas [S+1] ending in 0, model timesteps [S] (float), initial noise scale).
+
+  'euler'/'euler_ancestral'/'heun': diffusers' Euler*/Heun set_timesteps (float timesteps
+  by `spacing`, sigmas interpolated; Karras sigmas between those ends); 'dpmpp_2m_karras':
+  DPMSolverMultistepScheduler(use_karras_sigmas=True) (Karras sigmas over the whole
+  training range, timesteps rounded, initial noise scale 1: it steps on x_t itself).
+  """
+  T, S = s.num_timesteps, num_steps
+  train_sigmas = _train_sigmas(s)
+  log_sigmas = np.log(train_sigmas)
+  if sampler == 'dpmpp_2m_karras':
+    sigmas = _karras(train_sigmas[-1], train_sigmas[0], S)
+    ts = _sigma_to_t(sigmas, log_sigmas).round()
+    return np.append(sigmas, 0.0), ts, 1.0
+  if spacing == 'linspace':
+    ts = np.linspace(0, T - 1, S, dtype=np.float32)[::-1].astype(np.float64)
+  elif spacing == 'leading':
+    ts = (np.arange(S) * (T // S)).round()[::-1].astype(np.float64) + steps_offset
+  elif spacing == 'trailing':
+    ts = np.round(np.arange(T, 0, -T / S)) - 1.0
+  else:
+    raise ValueError(f'Unknown timestep spacing {spacing!r}; valid: {", ".join(SPACINGS)}.')
+  sigmas = np.interp(ts, np.arange(T), train_sigmas)
+  if karras:
+    sigmas = _karras(sigmas[0], sigmas[-1], S)
+    ts = _sigma_to_t(sigmas, log_sigmas)
+  sigmas = np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)  # diffusers' float32.
+  init = sigmas.max() if spacing in ('linspace', 'trailing') else math.sqrt(sigmas.max()**2 + 1)
+  return sigmas, ts.astype(np.float32), init
+
+
+def _denoised(model_fn: ModelFn, prediction: str, x, sigma, t):
+  """x0 from the model at x = x0 + sigma eps (input scaled to x_t, timestep t)."""
+  c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+  out = model_fn(x * c_in, jnp.full((x.shape[0],), t, jnp.float32)).astype(x.dtype)
+  if prediction == 'eps':
+    return x - sigma * out
+  if prediction == 'v':
+    return out * (-sigma * c_in) + x * c_in**2
+  return out  # x0
+
+
+def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_steps: int,
+                   spacing: str, prediction: str, karras: bool, num_snapshots: int):
+  sigmas, ts, init = sigma_schedule(s, num_steps, spacing, karras, sampler=sampler)
+  S = len(ts)
+  ts_next = np.append(ts[1:], 0.0).astype(np.float32)
+
+  def body(carry, inputs):
+    x, x0_prev, key = carry
+    i, sigma, sigma_next, t, t_next, sigma_prev = inputs
+    key, noise_key = jax.random.split(key)
+    if sampler == 'dpmpp_2m_karras':
+      # On x_t = alpha x0 + sigma_vp eps with alpha = 1/sqrt(sigma^2+1), lambda = -log sigma.
+      x0 = _denoised(model_fn, prediction, x / (sigma**2 + 1)**-0.5, sigma, t)
+      alpha_n = (sigma_next**2 + 1)**-0.5
+      last = sigma_next == 0
+      h = jnp.where(last, 1.0, jnp.log(sigma) - jnp.log(jnp.where(last, 1.0, sigma_next)))
+      r = (jnp.log(sigma_prev) - jnp.log(sigma)) / h
+      first_order = (i == 0) | last
+      d = jnp.where(first_order, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
+      ratio = (sigma_next * alpha_n) / (sigma * (sigma**2 + 1)**-0.5)
+      x = jnp.where(last, x0, ratio * x - alpha_n * jnp.expm1(-h) * d)
+      return (x, x0, key), (x if num_snapshots else None)
+    x0 = _denoised(model_fn, prediction, x, sigma, t)
+    d = (x - x0) / sigma
+    if sampler == 'euler':
+      x = x + d * (sigma_next - sigma)
+    elif sampler == 'euler_ancestral':
+      sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+      sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+      x = x + d * (sigma_down - sigma) + jax.random.normal(noise_key, x.shape, x.dtype) * sigma_up
+    else:  # heun: the Euler step, then the trapezoid rule (Euler into sigma = 0).
+      x_euler = x + d * (sigma_next - sigma)
+      safe = jnp.where(sigma_next > 0, sigma_next, 1.0)
+      d2 = (x_euler - _denoised(model_fn, prediction, x_euler, safe, t_next)) / safe
+      x = jnp.where(sigma_next > 0, x + 0.5 * (d + d2) * (sigma_next - sigma), x_euler)
+    # Snapshots as x_t (what the other samplers show): x / sqrt(sigma^2 + 1).
+    return (x, x0, key), (x * (sigma_next**2 + 1)**-0.5 if num_snapshots else None)
+
+  f = lambda a: jnp.asarray(a, jnp.float32)
+  sigma_prev = np.insert(sigmas[:S - 1], 0, sigmas[0])
+  xs = (jnp.arange(S), f(sigmas[:S]), f(sigmas[1:]), f(ts), f(ts_next), f(sigma_prev))
+  x_start = x_T * init
+  (x0, _, _), trajectory = jax.lax.scan(body, (x_start, jnp.zeros_like(x_T), rng), xs)
+  if not num_snapshots:
+    return x0
+  idx = np.unique(np.linspace(0, S - 1, num_snapshots - 1).round().astype(int))
+  snapshots = jnp.concatenate([x_T[None], trajectory[idx]], axis=0)
+  snapshot_t = np.concatenate([[s.num_timesteps], np.maximum(ts_next[idx], 0)]).round()
+  return x0, snapshots, snapshot_t.astype(np.int32)
+
+
 # --- The registry ---------------------------------------------------------------
 #
 # A sampler is its inference timesteps, the timestep each step goes to, and the update
@@ -143,9 +270,10 @@ class StepInputs:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  timesteps: Callable[[int, int, str], np.ndarray]      # (T, S, spacing) -> descending ts.
-  next_timesteps: Callable[[np.ndarray, int], np.ndarray]  # (ts, T) -> where each step goes.
-  update: Callable[..., jnp.ndarray]                    # (schedule, StepInputs, **options) -> x.
+  timesteps: Callable[[int, int, str], np.ndarray] | None = None  # (T, S, spacing) -> ts.
+  next_timesteps: Callable[[np.ndarray, int], np.ndarray] | None = None  # (ts, T) -> next ts.
+  update: Callable[..., jnp.ndarray] | None = None  # (schedule, StepInputs, **options) -> x.
+  in_sigma: bool = False  # Steps in sigma instead: `_sample_sigmas` (its tables by name).
 
 
 def _following(ts: np.ndarray, T: int) -> np.ndarray:  # pylint: disable=unused-argument
@@ -173,6 +301,7 @@ SAMPLERS: dict[str, Sampler] = {
     # diffusers' DDIM rule for the step after t: t - T//S (also with trailing spacing).
     'ddim': Sampler(timesteps, lambda ts, T: ts - T // len(ts), _ddim_update),
     'dpm_solver': Sampler(timesteps, _following, _dpm_solver_update),
+    **{name: Sampler(in_sigma=True) for name in SIGMA_SAMPLERS},
 }
 
 
@@ -184,7 +313,7 @@ def options_from_config(config, **overrides) -> dict:
   s = config.sample
   kwargs = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
                 prediction=config.diffusion.prediction, clip_x0=s.clip_x0,
-                ddpm_variance=s.ddpm_variance)
+                ddpm_variance=s.ddpm_variance, karras=s.karras_sigmas)
   kwargs.update(overrides)
   return kwargs
 
@@ -196,11 +325,13 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
            spacing: str = 'leading', prediction: str = 'eps', clip_x0: bool = True,
            ddpm_variance: str = 'fixed_small', num_snapshots: int = 0,
            inject: Optional[Callable] = None, init_x0: Optional[jnp.ndarray] = None,
-           strength: float = 1.0):
+           strength: float = 1.0, karras: bool = False):
   """Runs a sampler from x_T to x_0; call inside jax.jit.
 
   Args:
-    num_steps: S for ddim/dpm_solver; ddpm always uses all T steps.
+    num_steps: S for every sampler but ddpm, which always uses all T steps (heun calls the
+      model 2S - 1 times).
+    karras: Karras et al.'s sigmas for euler and heun (dpmpp_2m_karras always has them).
     init_x0, strength: SDEdit (image-to-image, Meng et al. 2022) as diffusers'
       img2img: only the last round(strength * steps) steps run, starting from
       init_x0 noised to the first of them with x_T as the noise. strength 0
@@ -217,6 +348,12 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; valid: {", ".join(SAMPLERS)}.')
   entry = SAMPLERS[sampler]
+  if entry.in_sigma:
+    if init_x0 is not None or inject is not None:
+      raise ValueError(f'sample.sampler={sampler!r} does not do image-to-image or inpainting '
+                       'yet: use ddim or dpm_solver for those.')
+    return _sample_sigmas(s, model_fn, x_T, rng, sampler, num_steps, spacing, prediction, karras,
+                          num_snapshots)
   ts = entry.timesteps(T, num_steps, spacing)
   ts_next = entry.next_timesteps(ts, T)
   options = dict(eta=eta, ddpm_variance=ddpm_variance)

@@ -263,7 +263,7 @@ def test_folder_of_corrupt_files(tmp_path):
 
 @pytest.mark.parametrize('override,message', [
     ('--config.train.num_stepz=5', 'num_stepz'),               # Unknown key.
-    ('--config.sample.sampler=euler', "sample.sampler='euler'"),  # Bad value.
+    ('--config.sample.sampler=lms', "sample.sampler='lms'"),  # Bad value.
 ])
 def test_cli_rejects_bad_config_before_compute(tmp_path, override, message):
   out = subprocess.run(

@@ -17,7 +17,8 @@ from common import config as config_lib
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')  # ddpm.schedules.SCHEDULES' keys.
 PREDICTIONS = ('eps', 'x0', 'v')                               # What the network predicts.
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')                      # ddpm.samplers.SAMPLERS' keys.
+SIGMA_SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpmpp_2m_karras')  # Step in sigma.
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver') + SIGMA_SAMPLERS     # ddpm.samplers.SAMPLERS' keys.
 SPACINGS = ('leading', 'trailing', 'linspace')                 # Inference timestep spacings.
 
 # Settings a run's checkpoints depend on: resuming a workdir with other values is an
@@ -79,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.sampler = 'ddim'
   s.num_steps = 50                 # ddim / dpm_solver; ddpm always runs all T steps.
   s.eta = 0.0
+  s.karras_sigmas = False          # euler / heun: Karras et al.'s sigma spacing.
   s.spacing = 'leading'
   s.clip_x0 = True
   s.ddpm_variance = 'fixed_small'
@@ -156,6 +158,9 @@ def validate_sample(s: ml_collections.ConfigDict, d: ml_collections.ConfigDict) 
   for i, spec in enumerate(s.adapters):
     config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')
   config_lib.check_choice(s.sampler, SAMPLERS, 'sample.sampler')
+  if s.karras_sigmas and s.sampler not in ('euler', 'heun'):
+    raise ValueError(f'sample.karras_sigmas applies to the euler and heun samplers, not '
+                     f'{s.sampler!r} (dpmpp_2m_karras always uses them).')
   config_lib.check_choice(s.spacing, SPACINGS, 'sample.spacing')
   config_lib.check_choice(s.ddpm_variance, ('fixed_small', 'fixed_large'), 'sample.ddpm_variance')
   config_lib.check_range(s.eta, 0.0, 1.0, 'sample.eta')
