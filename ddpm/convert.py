@@ -36,7 +36,7 @@ def params_from_torch_state_dict(state_dict: dict[str, np.ndarray], reference_pa
   out, used = {}, set()
   for path, ref in flax.traverse_util.flatten_dict(reference_params).items():
     module, leaf = '.'.join(path[:-1]), path[-1]
-    torch_leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf]
+    torch_leaf = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}[leaf]
     key = by_module.get((module, torch_leaf))
     if key is None:
       raise KeyError(f'No diffusers weight for Flax parameter {"/".join(path)}.')
@@ -60,7 +60,7 @@ def params_to_torch_state_dict(params) -> dict[str, np.ndarray]:
   out = {}
   for path, w in flax.traverse_util.flatten_dict(params).items():
     leaf = path[-1]
-    if leaf not in ('kernel', 'scale', 'bias'):
+    if leaf not in ('kernel', 'scale', 'embedding', 'bias'):
       raise KeyError(f'{"/".join(path)} has no diffusers counterpart (a LoRA adapter? merge it '
                      'first with common.lora.merged).')
     w = np.asarray(w, np.float32)

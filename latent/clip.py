@@ -1,0 +1,170 @@
+"""CLIP's text encoder in Flax, layer for layer transformers' CLIPTextModel (Stable Diffusion's).
+
+Token + learned position embeddings, a causal pre-LayerNorm Transformer (quick-GELU
+or GELU MLPs as the config says), a final LayerNorm. Module names follow the
+PyTorch state-dict keys (`encoder.layers.0.self_attn.q_proj` is
+`encoder/layers_0/self_attn/q_proj`), so `ddpm.convert` moves the weights.
+
+`load(folder)` reads a Stable Diffusion pipeline's `text_encoder/` folder (config.json +
+model.safetensors, with safetensors' numpy API: no torch), and `Tokenizer(folder)` its
+`tokenizer/` folder through transformers' CLIP tokenizer (pads and truncates to
+max_length, as the pipelines do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import errors
+
+ACTIVATIONS = {
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),       # OpenAI CLIP (SD 1.x).
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),           # OpenCLIP (SD 2.x).
+}
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a causal mask (and an optional padding mask)."""
+  heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    b, n, d = x.shape
+    head_dim = d // self.heads
+    proj = lambda name: nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, n, self.heads,
+                                                                          head_dim)
+    q, k, v = proj('q_proj'), proj('k_proj'), proj('v_proj')
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits / math.sqrt(head_dim), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
+    return nn.Dense(d, dtype=self.dtype, name='out_proj')(out)
+
+
+class EncoderLayer(nn.Module):
+  """One encoder layer with PyTorch's module names (self_attn, layer_norm1/2, mlp.fc1/fc2)."""
+  heads: int
+  intermediate_size: int
+  activation: str
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    ln = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
+    x = x + Attention(self.heads, self.dtype, name='self_attn')(ln('layer_norm1')(x), mask)
+    h = ln('layer_norm2')(x)
+    h = nn.Dense(self.intermediate_size, dtype=self.dtype, name='mlp.fc1')(h)
+    h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp.fc2')(ACTIVATIONS[self.activation](h))
+    return x + h
+
+
+class CLIPTextModel(nn.Module):
+  """transformers' CLIPTextModel: ids [B, L] -> the last layer's hidden states after the final
+  LayerNorm [B, L, D]. `clip_skip=1` takes the penultimate layer's instead (still through
+  the final LayerNorm, as diffusers' `clip_skip` and SD 2.x-style conditioning do);
+  `return_hidden_states` also returns every layer's raw output (embeddings first)."""
+  vocab_size: int
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_layers: int = 12
+  heads: int = 12
+  max_positions: int = 77
+  activation: str = 'quick_gelu'
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids, attention_mask=None, clip_skip: int = 0,
+               return_hidden_states: bool = False):
+    b, n = ids.shape
+    x = nn.Embed(self.vocab_size, self.hidden_size, name='embeddings.token_embedding')(ids)
+    pos = self.param('embeddings.position_embedding',
+                     nn.initializers.normal(0.02), (self.max_positions, self.hidden_size))
+    x = (x + pos[None, :n]).astype(self.dtype)
+    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+    if attention_mask is not None:  # Padding keys are never attended to.
+      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    hidden = [x]
+    for i in range(self.num_layers):
+      x = EncoderLayer(self.heads, self.intermediate_size, self.activation, self.eps,
+                       self.dtype, name=f'encoder.layers_{i}')(x, mask)
+      hidden.append(x)
+    out = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype,
+                       name='final_layer_norm')(hidden[-1 - clip_skip]).astype(jnp.float32)
+    if return_hidden_states:
+      return out, [h.astype(jnp.float32) for h in hidden]
+    return out
+
+
+def from_config(cfg: dict, dtype=jnp.float32) -> CLIPTextModel:
+  """Our module for a transformers CLIPTextConfig (text_encoder/config.json)."""
+  act = cfg.get('hidden_act', 'quick_gelu')
+  if act not in ACTIVATIONS:
+    raise errors.ConfigError(f'CLIP hidden_act={act!r} is not one of {", ".join(ACTIVATIONS)}.')
+  return CLIPTextModel(vocab_size=cfg['vocab_size'], hidden_size=cfg['hidden_size'],
+                       intermediate_size=cfg['intermediate_size'],
+                       num_layers=cfg['num_hidden_layers'], heads=cfg['num_attention_heads'],
+                       max_positions=cfg['max_position_embeddings'], activation=act,
+                       eps=cfg.get('layer_norm_eps', 1e-5), dtype=dtype)
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], model: CLIPTextModel) -> dict:
+  """A CLIPTextModel state dict (numpy; with or without the 'text_model.' prefix) -> params."""
+  from ddpm import convert  # pylint: disable=g-import-not-at-top
+  state = {k.removeprefix('text_model.'): v for k, v in state.items()
+           if not k.endswith('position_ids')}  # A buffer, not a weight.
+  # Our position table is a bare parameter: give it the name the converter maps to 'weight'.
+  ids = jnp.zeros((1, model.max_positions), jnp.int32)
+  reference = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)['params']
+  flat_ref = dict(reference)
+  pos = flat_ref.pop('embeddings.position_embedding')
+  positions = np.asarray(state.pop('embeddings.position_embedding.weight'), np.float32)
+  if positions.shape != pos.shape:
+    raise errors.ConfigError(f'position_embedding is {positions.shape}, the config says {pos.shape}.')
+  params = convert.params_from_torch_state_dict(state, flat_ref)
+  params['embeddings.position_embedding'] = positions
+  return params
+
+
+def load(folder: str | Path, dtype=jnp.float32) -> tuple[CLIPTextModel, dict]:
+  """(model, params) of a pipeline's text_encoder/ folder (config.json + model.safetensors)."""
+  folder = Path(folder)
+  config, weights = folder / 'config.json', folder / 'model.safetensors'
+  for f in (config, weights):
+    if not f.is_file():
+      raise errors.MissingFileError(
+          f'{f} not found: expected a CLIPTextModel folder written by save_pretrained() (a '
+          'Stable Diffusion pipeline\'s text_encoder/). Download the pipeline on a machine with '
+          'network access, e.g. huggingface-cli download <repo> --include "text_encoder/*" '
+          '"tokenizer/*".')
+  model = from_config(json.loads(config.read_text()), dtype)
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return model, params_from_state_dict(load_file(str(weights)), model)
+
+
+class Tokenizer:
+  """A pipeline's tokenizer/ folder through transformers' CLIP tokenizer: prompts -> ids
+  [B, max_length] (start, tokens, end, padding; longer prompts truncated) and the mask."""
+
+  def __init__(self, folder: str | Path, max_length: int | None = None):
+    folder = Path(folder)
+    if not (folder / 'vocab.json').is_file():
+      raise errors.MissingFileError(f'{folder / "vocab.json"} not found: expected a CLIP '
+                                    'tokenizer folder (vocab.json, merges.txt).')
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    self.max_length = max_length or self.tokenizer.model_max_length
+
+  def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    out = self.tokenizer(list(prompts), padding='max_length', truncation=True,
+                         max_length=self.max_length, return_tensors='np')
+    return out['input_ids'].astype(np.int32), out['attention_mask'].astype(bool)
