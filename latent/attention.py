@@ -63,19 +63,25 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-  """GroupNorm, linear projection in, `depth` transformer blocks, projection out, + input."""
+  """GroupNorm, projection in, `depth` transformer blocks, projection out, + input.
+
+  The projections are linear layers (`linear_projection`, SD 2.x) or 1x1 convolutions
+  (SD 1.x): the same map over channels, stored with other kernel shapes.
+  """
   heads: int
   depth: int = 1
   groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  linear_projection: bool = True
 
   @nn.compact
   def __call__(self, x, context, mask=None):
     b, h, w, c = x.shape
+    proj = lambda name: (nn.Dense(c, dtype=self.dtype, name=name) if self.linear_projection
+                         else nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
     y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
-    y = nn.Dense(c, dtype=self.dtype, name='proj_in')(y.reshape(b, h * w, c))
+    y = proj('proj_in')(y).reshape(b, h * w, c)
     for d in range(self.depth):
       y = BasicTransformerBlock(self.heads, c // self.heads, self.dtype,
                                 name=f'transformer_blocks_{d}')(y, context, mask)
-    y = nn.Dense(c, dtype=self.dtype, name='proj_out')(y)
-    return x + y.reshape(b, h, w, c)
+    return x + proj('proj_out')(y.reshape(b, h, w, c))

@@ -18,16 +18,20 @@ from latent.attention import Transformer2D
 class ConditionalUNet(models.UNet):
   """U-Net on latents; `context` [B, L, D] is read by cross-attention at `attention_resolutions`.
 
-  head_dim: channels per attention head (0 = one head), as in ddpm's U-Net.
+  head_dim: channels per attention head (0 = one head), as in ddpm's U-Net; or
+  num_heads: the same number of heads at every level (SD 1.x's 8), overriding head_dim.
+  linear_projection: the transformers' proj_in/proj_out are linear (SD 2.x) or 1x1 convs.
   """
   transformer_depth: int = 1
+  num_heads: int = 0
+  linear_projection: bool = True
 
   def attend(self, name: str, h, context, context_mask):
     if context is None:
       raise ValueError('ConditionalUNet needs a context sequence [B, L, D].')
-    heads = h.shape[-1] // (self.head_dim or h.shape[-1])
+    heads = self.num_heads or h.shape[-1] // (self.head_dim or h.shape[-1])
     return self.block(Transformer2D)(heads, self.transformer_depth, self.norm_groups, self.dtype,
-                                     name=name)(h, context, context_mask)
+                                     self.linear_projection, name=name)(h, context, context_mask)
 
 
 class ClassEncoder(nn.Module):

@@ -53,9 +53,29 @@ def _diffusers_pair(cross_dim=12):
   return ours, theirs.eval()
 
 
-def test_conditional_unet_matches_diffusers_unet2dcondition():
+def _sd1_pair():
+  """SD 1.x's layout: 1x1-conv projections and the same number of heads at every level."""
+  diffusers = pytest.importorskip('diffusers')
+  ours = unet.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
+                              block_out_channels=(16, 32), layers_per_block=1,
+                              attention_resolutions=(8,), num_heads=2, norm_groups=8,
+                              linear_projection=False)
+  theirs = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+      layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), norm_num_groups=8,
+      cross_attention_dim=12, attention_head_dim=2, use_linear_projection=False,
+      upcast_attention=True)
+  return ours, theirs.eval()
+
+
+@pytest.mark.parametrize('pair', [_diffusers_pair, _sd1_pair], ids=['linear_proj', 'sd1_conv_proj'])
+def test_conditional_unet_matches_diffusers_unet2dcondition(pair):
   torch = pytest.importorskip('torch')
-  ours, theirs = _diffusers_pair()
+  ours, theirs = pair()
+  with torch.no_grad():  # Random everything (proj_out is zero-initialised in diffusers).
+    for p in theirs.parameters():
+      p.add_(0.05 * torch.randn_like(p))
   rng = np.random.default_rng(1)
   z = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
   t = np.array([3, 777])
