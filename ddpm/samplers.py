@@ -196,8 +196,9 @@ def _denoised(model_fn: ModelFn, prediction: str, x, sigma, t):
 
 
 def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_steps: int,
-                   spacing: str, prediction: str, karras: bool, num_snapshots: int):
-  sigmas, ts, init = sigma_schedule(s, num_steps, spacing, karras, sampler=sampler)
+                   spacing: str, prediction: str, karras: bool, num_snapshots: int,
+                   steps_offset: int = 0):
+  sigmas, ts, init = sigma_schedule(s, num_steps, spacing, karras, steps_offset, sampler)
   S = len(ts)
   ts_next = np.append(ts[1:], 0.0).astype(np.float32)
 
@@ -270,7 +271,8 @@ class StepInputs:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  timesteps: Callable[[int, int, str], np.ndarray] | None = None  # (T, S, spacing) -> ts.
+  timesteps: Callable[[int, int, str, int], np.ndarray] | None = None  # (T, S, spacing,
+                                                                       # steps_offset) -> ts.
   next_timesteps: Callable[[np.ndarray, int], np.ndarray] | None = None  # (ts, T) -> next ts.
   update: Callable[..., jnp.ndarray] | None = None  # (schedule, StepInputs, **options) -> x.
   in_sigma: bool = False  # Steps in sigma instead: `_sample_sigmas` (its tables by name).
@@ -284,8 +286,9 @@ def _ddpm_update(s: Schedule, z: StepInputs, ddpm_variance: str = 'fixed_small',
   return ddpm_step(s, z.x0, z.x, z.t, z.noise, ddpm_variance)
 
 
-def _ddim_update(s: Schedule, z: StepInputs, eta: float = 0.0, **unused):
-  return ddim_step(s, z.x0, z.eps, z.x, z.t, z.t_next, eta, z.noise)
+def _ddim_update(s: Schedule, z: StepInputs, eta: float = 0.0, final_alpha_cumprod: float = 1.0,
+                 **unused):
+  return ddim_step(s, z.x0, z.eps, z.x, z.t, z.t_next, eta, z.noise, final_alpha_cumprod)
 
 
 def _dpm_solver_update(s: Schedule, z: StepInputs, **unused):
@@ -296,7 +299,7 @@ def _dpm_solver_update(s: Schedule, z: StepInputs, **unused):
 
 SAMPLERS: dict[str, Sampler] = {
     # Ancestral DDPM always runs all T steps.
-    'ddpm': Sampler(lambda T, S, spacing: np.arange(T - 1, -1, -1, dtype=np.int32),
+    'ddpm': Sampler(lambda T, S, spacing, offset: np.arange(T - 1, -1, -1, dtype=np.int32),
                     _following, _ddpm_update),
     # diffusers' DDIM rule for the step after t: t - T//S (also with trailing spacing).
     'ddim': Sampler(timesteps, lambda ts, T: ts - T // len(ts), _ddim_update),
@@ -325,13 +328,17 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
            spacing: str = 'leading', prediction: str = 'eps', clip_x0: bool = True,
            ddpm_variance: str = 'fixed_small', num_snapshots: int = 0,
            inject: Optional[Callable] = None, init_x0: Optional[jnp.ndarray] = None,
-           strength: float = 1.0, karras: bool = False):
+           strength: float = 1.0, karras: bool = False, steps_offset: int = 0,
+           final_alpha_cumprod: float = 1.0):
   """Runs a sampler from x_T to x_0; call inside jax.jit.
 
   Args:
     num_steps: S for every sampler but ddpm, which always uses all T steps (heun calls the
       model 2S - 1 times).
     karras: Karras et al.'s sigmas for euler and heun (dpmpp_2m_karras always has them).
+    steps_offset, final_alpha_cumprod: diffusers' scheduler settings of those names (SD's
+      configs: steps_offset=1 with 'leading' spacing; set_alpha_to_one=False, i.e. DDIM's
+      last step lands on alphas_cumprod[0] instead of 1).
     init_x0, strength: SDEdit (image-to-image, Meng et al. 2022) as diffusers'
       img2img: only the last round(strength * steps) steps run, starting from
       init_x0 noised to the first of them with x_T as the noise. strength 0
@@ -353,10 +360,10 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
       raise ValueError(f'sample.sampler={sampler!r} does not do image-to-image or inpainting '
                        'yet: use ddim or dpm_solver for those.')
     return _sample_sigmas(s, model_fn, x_T, rng, sampler, num_steps, spacing, prediction, karras,
-                          num_snapshots)
-  ts = entry.timesteps(T, num_steps, spacing)
+                          num_snapshots, steps_offset)
+  ts = entry.timesteps(T, num_steps, spacing, steps_offset)
   ts_next = entry.next_timesteps(ts, T)
-  options = dict(eta=eta, ddpm_variance=ddpm_variance)
+  options = dict(eta=eta, ddpm_variance=ddpm_variance, final_alpha_cumprod=final_alpha_cumprod)
   ts_prev_model = np.insert(ts[:-1], 0, ts[0]).astype(np.int32)  # For the 2M history.
   if init_x0 is not None:
     if not 0.0 <= strength <= 1.0:

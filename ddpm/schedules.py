@@ -87,7 +87,13 @@ class Schedule:
 
 
 def make_schedule(name: str, num_timesteps: int) -> Schedule:
-  betas = get_betas(name, num_timesteps)
+  return from_betas(get_betas(name, num_timesteps))
+
+
+def from_betas(betas: np.ndarray) -> Schedule:
+  """The Schedule of any beta sequence (e.g. a diffusers scheduler_config.json's)."""
+  betas = np.asarray(betas, np.float64)
+  num_timesteps = len(betas)
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])

@@ -157,9 +157,10 @@ class Tokenizer:
 
   def __init__(self, folder: str | Path, max_length: int | None = None):
     folder = Path(folder)
-    if not (folder / 'vocab.json').is_file():
+    if not any((folder / f).is_file() for f in ('vocab.json', 'tokenizer.json')):
       raise errors.MissingFileError(f'{folder / "vocab.json"} not found: expected a CLIP '
-                                    'tokenizer folder (vocab.json, merges.txt).')
+                                    'tokenizer folder (vocab.json + merges.txt, or '
+                                    'tokenizer.json).')
     import transformers  # pylint: disable=g-import-not-at-top
     self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
     self.max_length = max_length or self.tokenizer.model_max_length

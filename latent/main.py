@@ -2,6 +2,8 @@
 
 A config's `stage` picks what runs:
   stage 'vae' (latent/configs/vae_*.py): trains the autoencoder (stage 1);
+  stage 'pipeline' (latent/configs/sd_pipeline.py): --mode=sample runs a Stable Diffusion
+    pipeline folder (diffusers' layout) on config.sample.prompts;
   stage 'ldm' (latent/configs/ldm_*.py): trains the conditional denoiser on the
     latents of config.vae_workdir (stage 2), or with --mode=sample writes
     images for config.sample.prompts (image-to-image / inpainting with
@@ -11,7 +13,7 @@ Both resume from DIR's last checkpoint; any value can be overridden with --confi
 
 from common import errors, launch
 from latent import sample, train, vae_train
-from latent.configs import ldm_base, vae_base
+from latent.configs import ldm_base, sd_pipeline, vae_base
 
 
 def validate(config):
@@ -20,17 +22,24 @@ def validate(config):
     vae_base.validate(config)
   elif stage == 'ldm':
     ldm_base.validate(config)
+  elif stage == 'pipeline':
+    sd_pipeline.validate(config)
   else:
-    raise errors.ConfigError(f"config.stage={stage!r} is not one of 'vae', 'ldm'.")
+    raise errors.ConfigError(f"config.stage={stage!r} is not one of 'vae', 'ldm', 'pipeline'.")
 
 
 def train_either(config, workdir):
+  if config.stage == 'pipeline':
+    raise errors.ConfigError('A Stable Diffusion pipeline config samples (--mode=sample); '
+                             'fine-tuning one is not built yet.')
   if config.stage == 'vae':
     return vae_train.train_and_evaluate(config, workdir)
   return train.train_and_evaluate(config, workdir)
 
 
 def sample_ldm(config, workdir):
+  if config.stage == 'pipeline':
+    return sample.generate_from_pipeline(config, workdir)
   if config.stage != 'ldm':
     raise errors.ConfigError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
                      'reconstructions to WORKDIR/reconstructions while it trains.')

@@ -76,6 +76,53 @@ def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
   return (np.asarray(gray, np.float32) < 128).astype(np.float32)[None, :, :, None]
 
 
+def write_captioned(images: np.ndarray, prompts: list[str], num_per_prompt: int, out: Path,
+                    caption_for, guidance_scale: float) -> None:
+  """OUT/1.jpg ..., OUT/captions.tsv (file, caption_for(prompt)) and a captioned grid beside."""
+  if jax.process_index() != 0:
+    return
+  files = imageio.write_numbered(images, out)
+  rows = [f'{f.name}\t{caption_for(p)}'
+          for f, p in zip(files, (p for p in prompts for _ in range(num_per_prompt)))]
+  # The captions.tsv format of the data sets: `python -m metrics attributes OUT` scores it.
+  (out / 'captions.tsv').write_text('file\tcaption\n' + '\n'.join(rows) + '\n', encoding='utf-8')
+  captions = [f'{p}  (guidance {guidance_scale:g})' for p in prompts]
+  imageio.save_image(imageio.captioned_grid(images, captions, num_per_prompt),
+                     out.parent / f'{out.name}_grid.png')
+
+
+def generate_from_pipeline(config, workdir: str | Path) -> Path:
+  """Text-to-image with a Stable Diffusion pipeline folder (latent/configs/sd_pipeline.py)."""
+  from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from latent.configs import sd_pipeline  # pylint: disable=g-import-not-at-top
+  sd_pipeline.validate(config)
+  s = config.sample
+  out = Path(s.output_dir or Path(workdir) / 'samples')
+  prompts = read_prompts(s)
+  with logs.Timed(f'loading the pipeline {config.pipeline}'):
+    pipe = pipeline_lib.load(config.pipeline, jnp.bfloat16 if config.dtype == 'bfloat16'
+                             else jnp.float32)
+  all_prompts = [p for p in prompts for _ in range(s.num_per_prompt)]
+  sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas)
+  negative = pipeline_lib.encode_prompts(pipe, [s.negative_prompt])
+  u, rng, images = pipe.unet, jax.random.PRNGKey(s.seed), []
+  with logs.Timed(f'sampling {len(all_prompts)} images with {s.sampler} x{s.num_steps} '
+                  '(the first batch compiles the sampler)'):
+    for i in range(0, len(all_prompts), s.batch_size):
+      rng, noise_rng, step_rng = jax.random.split(rng, 3)
+      batch = all_prompts[i:i + s.batch_size]
+      noise = jax.random.normal(noise_rng, (len(batch), u.sample_size, u.sample_size,
+                                            u.in_channels))
+      context = pipeline_lib.encode_prompts(pipe, batch)
+      x, _ = sample_fn(noise, context, jnp.repeat(negative, len(batch), axis=0),
+                       jnp.float32(s.guidance_scale), step_rng)
+      images.append(imageio.to_uint8(mesh_lib.gather(x)))
+  write_captioned(np.concatenate(images), prompts, s.num_per_prompt, out, lambda p: p,
+                  s.guidance_scale)
+  logging.info('Wrote %d images for %d prompts to %s.', len(all_prompts), len(prompts), out)
+  return out
+
+
 def generate(config, workdir: str | Path) -> Path:
   ldm_base.validate(config)
   s = config.sample
@@ -112,15 +159,6 @@ def generate(config, workdir: str | Path) -> Path:
                     s.guidance_scale, part(init_z0), part(keep))
       images.append(imageio.to_uint8(mesh_lib.gather(x)))
   images = np.concatenate(images)
-  if jax.process_index() == 0:
-    files = imageio.write_numbered(images, out)
-    rows = [f'{f.name}\t{conds.caption_for(p)}'
-            for f, p in zip(files, (p for p in prompts for _ in range(s.num_per_prompt)))]
-    # The captions.tsv format of the data sets: `python -m metrics attributes OUT` scores it.
-    (out / 'captions.tsv').write_text('file\tcaption\n' + '\n'.join(rows) + '\n',
-                                      encoding='utf-8')
-    captions = [f'{p}  (guidance {s.guidance_scale:g})' for p in prompts]
-    imageio.save_image(imageio.captioned_grid(images, captions, s.num_per_prompt),
-                       out.parent / f'{out.name}_grid.png')
+  write_captioned(images, prompts, s.num_per_prompt, out, conds.caption_for, s.guidance_scale)
   logging.info('Wrote %d images for %d prompts to %s.', n, len(prompts), out)
   return out

@@ -24,7 +24,8 @@ MODEL_PACKAGES = ('ddpm', 'latent', 'stylegan', 'metrics')
 CONFIG_PACKAGES = ('ddpm.configs', 'latent.configs', 'stylegan.configs')
 BASES = {
     'ddpm.configs': ('ddpm.configs.default',),
-    'latent.configs': ('latent.configs.vae_base', 'latent.configs.ldm_base'),
+    'latent.configs': ('latent.configs.vae_base', 'latent.configs.ldm_base',
+                       'latent.configs.sd_pipeline'),
     'stylegan.configs': ('stylegan.configs.base',),
 }
 ALL_BASES = tuple(b for bases in BASES.values() for b in bases)

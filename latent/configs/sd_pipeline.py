@@ -1,0 +1,62 @@
+"""Text-to-image with a Stable Diffusion pipeline folder (diffusers' layout): every key + validate.
+
+  python -m latent.main --config=latent/configs/sd_pipeline.py --workdir=OUT_DIR \
+      --config.pipeline=/path/to/stable-diffusion-v1-5 --mode=sample \
+      --config.sample.prompts="('a watercolor fox',)" --config.sample.negative_prompt=blurry
+
+The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is read
+by latent.pipeline; its scheduler_config.json gives the betas, prediction type and timestep
+settings. Images go to OUT_DIR/samples/1.jpg ... with captions.tsv and a captioned grid.
+"""
+
+import ml_collections
+
+from common import config as config_lib
+from ddpm.configs import default as ddpm_default
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = 'pipeline'        # latent.main dispatches on this.
+  config.pipeline = ''             # The pipeline folder (StableDiffusionPipeline.save_pretrained).
+  config.dtype = 'float32'         # Compute dtype of the U-Net, VAE and text encoder.
+  config.cpu_devices = 0
+
+  config.sample = s = ml_collections.ConfigDict()
+  s.prompts = ('a photo of an astronaut riding a horse on mars',)
+  s.prompt_file = ''               # One prompt per line; replaces sample.prompts.
+  s.negative_prompt = ''           # The unconditional context of classifier-free guidance.
+  s.num_per_prompt = 4
+  s.guidance_scale = 7.5
+  s.sampler = 'dpmpp_2m_karras'
+  s.num_steps = 25
+  s.eta = 0.0                      # ddim only.
+  s.karras_sigmas = False          # euler / heun.
+  s.batch_size = 4
+  s.output_dir = ''                # '' = WORKDIR/samples.
+  s.seed = 1
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.check_keys(config, get_config())
+  config_lib.check_choice(config.stage, ('pipeline',), 'stage')
+  if not config.pipeline:
+    raise ValueError('pipeline must name a Stable Diffusion pipeline folder '
+                     '(--config.pipeline=/path/to/folder with model_index.json).')
+  config_lib.check_choice(config.dtype, DTYPES, 'dtype')
+  s = config.sample
+  config_lib.check_choice(s.sampler, ddpm_default.SAMPLERS, 'sample.sampler')
+  if s.sampler == 'ddpm':
+    raise ValueError("sample.sampler='ddpm' runs all 1000 steps; pick ddim or a faster one.")
+  if s.karras_sigmas and s.sampler not in ('euler', 'heun'):
+    raise ValueError('sample.karras_sigmas applies to the euler and heun samplers.')
+  config_lib.check_range(s.num_steps, 1, 1000, 'sample.num_steps')
+  config_lib.check_range(s.eta, 0.0, 1.0, 'sample.eta')
+  config_lib.check_positive(s.guidance_scale, 'sample.guidance_scale', allow_zero=True)
+  for key in ('num_per_prompt', 'batch_size'):
+    config_lib.check_positive(s[key], f'sample.{key}')
+  if not (s.prompts or s.prompt_file):
+    raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')

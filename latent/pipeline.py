@@ -1,0 +1,194 @@
+"""Stable Diffusion pipeline folders (diffusers' layout) as our modules: load and sample.
+
+A folder written by diffusers' `StableDiffusionPipeline.save_pretrained` holds
+`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`.
+`load` reads each with safetensors' numpy API (no torch) into the Flax modules
+here: `latent.unet.ConditionalUNet` (SD 1.x and 2.x layouts), `latent.autoencoder`,
+`latent.clip`; the scheduler's betas, prediction type and timestep settings become a
+`ddpm.schedules.Schedule` and sampler options. `generate` is SD's text-to-image with
+classifier-free guidance (the negative prompt as the unconditional context) on any of
+ddpm.samplers' samplers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import errors, imageio
+from ddpm import convert, samplers, schedules
+from latent import autoencoder, clip, guidance
+from latent.unet import ConditionalUNet
+
+PREDICTIONS = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x0'}
+
+
+@dataclasses.dataclass
+class Pipeline:
+  unet: ConditionalUNet
+  unet_params: Any
+  vae: autoencoder.AutoencoderKL
+  vae_params: Any
+  scaling_factor: float
+  text_encoder: clip.CLIPTextModel
+  text_params: Any
+  tokenizer: clip.Tokenizer
+  schedule: schedules.Schedule
+  sampler_options: dict  # prediction, spacing, steps_offset, final_alpha_cumprod, clip_x0.
+
+
+def _read_json(path: Path) -> dict:
+  if not path.is_file():
+    raise errors.MissingFileError(
+        f'{path} not found: expected a diffusers Stable Diffusion pipeline folder '
+        '(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), as '
+        'StableDiffusionPipeline.save_pretrained writes it. Download one on a machine with '
+        'network access, e.g. huggingface-cli download <repo> --local-dir DIR.')
+  return json.loads(path.read_text())
+
+
+def unet_from_config(cfg: dict, dtype=jnp.float32) -> ConditionalUNet:
+  """Our ConditionalUNet for a diffusers UNet2DConditionModel config.json (SD 1.x / 2.x)."""
+  unsupported = {k: cfg.get(k) for k in ('addition_embed_type', 'class_embed_type',
+                                         'encoder_hid_dim', 'time_cond_proj_dim')
+                 if cfg.get(k) is not None}
+  if cfg.get('only_cross_attention') not in (None, False) or cfg.get('dual_cross_attention'):
+    unsupported['cross attention'] = 'only/dual'
+  if not cfg.get('flip_sin_to_cos', True) or cfg.get('freq_shift', 0):
+    unsupported['time embedding'] = (cfg.get('flip_sin_to_cos'), cfg.get('freq_shift'))
+  if cfg.get('mid_block_type', 'UNetMidBlock2DCrossAttn') != 'UNetMidBlock2DCrossAttn':
+    unsupported['mid_block_type'] = cfg['mid_block_type']
+  depth = cfg.get('transformer_layers_per_block', 1)
+  if not isinstance(depth, int):
+    depth = set(depth) if len(set(depth)) == 1 else depth
+    depth = next(iter(depth)) if isinstance(depth, set) else depth
+  if not isinstance(depth, int):
+    unsupported['transformer_layers_per_block'] = depth
+  if unsupported:
+    raise errors.ConfigError(f'The UNet config uses what this port does not have (SDXL and '
+                             f'other variants): {unsupported}.')
+  channels = tuple(cfg['block_out_channels'])
+  size = cfg['sample_size']
+  attn = [t.startswith('CrossAttn') for t in cfg['down_block_types']]
+  # diffusers' attention_head_dim is the number of heads (a historical name) unless
+  # num_attention_heads is given.
+  heads = cfg.get('num_attention_heads') or cfg.get('attention_head_dim', 8)
+  heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+  head_dims = {c // h for c, h, a in zip(channels, heads, attn) if a}
+  kw = {}
+  if len(set(h for h, a in zip(heads, attn) if a)) == 1:
+    kw['num_heads'] = next(h for h, a in zip(heads, attn) if a)
+  elif len(head_dims) == 1:
+    kw['head_dim'] = head_dims.pop()
+  else:
+    raise errors.ConfigError(f'attention heads {heads} for channels {channels}: neither the '
+                             'same count nor the same width at every level.')
+  return ConditionalUNet(
+      sample_size=size, in_channels=cfg['in_channels'], out_channels=cfg['out_channels'],
+      block_out_channels=channels, layers_per_block=cfg['layers_per_block'],
+      attention_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
+      norm_groups=cfg.get('norm_num_groups', 32), norm_eps=cfg.get('norm_eps', 1e-5),
+      transformer_depth=depth, linear_projection=cfg.get('use_linear_projection', False),
+      dtype=dtype, **kw)
+
+
+def schedule_from_config(cfg: dict) -> tuple[schedules.Schedule, dict]:
+  """(Schedule, sampler options) of a diffusers scheduler_config.json."""
+  T = cfg.get('num_train_timesteps', 1000)
+  start, end = cfg.get('beta_start', 0.0001), cfg.get('beta_end', 0.02)
+  kind = cfg.get('beta_schedule', 'linear')
+  if cfg.get('trained_betas') is not None:
+    betas = np.asarray(cfg['trained_betas'], np.float64)
+  elif kind == 'scaled_linear':
+    betas = schedules.scaled_linear_betas(T, start, end)
+  elif kind == 'linear':
+    betas = np.linspace(start, end, T, dtype=np.float64)
+  elif kind == 'squaredcos_cap_v2':
+    betas = schedules.get_betas('cosine', T)
+  else:
+    raise errors.ConfigError(f'scheduler beta_schedule={kind!r} is not supported.')
+  prediction = cfg.get('prediction_type', 'epsilon')
+  if prediction not in PREDICTIONS:
+    raise errors.ConfigError(f'scheduler prediction_type={prediction!r} is not supported.')
+  schedule = schedules.from_betas(betas)
+  options = dict(prediction=PREDICTIONS[prediction],
+                 spacing=cfg.get('timestep_spacing', 'leading'),
+                 steps_offset=cfg.get('steps_offset', 0),
+                 clip_x0=bool(cfg.get('clip_sample', False)),
+                 final_alpha_cumprod=1.0 if cfg.get('set_alpha_to_one', True)
+                 else float(schedule.alphas_cumprod[0]))
+  return schedule, options
+
+
+def load(folder: str | Path, dtype=jnp.float32) -> Pipeline:
+  """Every part of a diffusers Stable Diffusion pipeline folder, as our modules."""
+  folder = Path(folder)
+  index = _read_json(folder / 'model_index.json')
+  for part in ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'):
+    if part not in index:
+      raise errors.ConfigError(f'{folder}/model_index.json has no {part!r}: not a Stable '
+                               'Diffusion pipeline.')
+  unet = unet_from_config(_read_json(folder / 'unet' / 'config.json'), dtype)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  text_encoder, text_params = clip.load(folder / 'text_encoder', dtype)
+  width = text_encoder.hidden_size
+  reference = jax.eval_shape(
+      lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, unet.sample_size, unet.sample_size,
+                                                          unet.in_channels)),
+                        jnp.zeros((1,)), context=jnp.zeros((1, 1, width))))['params']
+  del ids
+  unet_params = convert.load_diffusers_unet(folder / 'unet', reference)
+  vae, vae_params, scaling_factor = autoencoder.load_diffusers_vae(folder / 'vae', dtype)
+  schedule, options = schedule_from_config(
+      _read_json(folder / 'scheduler' / 'scheduler_config.json'))
+  return Pipeline(unet, unet_params, vae, vae_params, scaling_factor, text_encoder, text_params,
+                  clip.Tokenizer(folder / 'tokenizer'), schedule, options)
+
+
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> jnp.ndarray:
+  """Prompts -> CLIP hidden states [B, max_length, D] (no attention mask, as SD's pipelines)."""
+  ids, _ = pipe.tokenizer(prompts)
+  return pipe.text_encoder.apply({'params': pipe.text_params}, jnp.asarray(ids))
+
+
+def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
+                   karras: bool = False):
+  """jit(fn(latents, context, negative_context, guidance_scale, rng) -> (images in [-1, 1],
+  the final latents)): SD's text-to-image with classifier-free guidance."""
+  options = dict(pipe.sampler_options)
+  if sampler not in ('ddim', 'ddpm'):
+    options.pop('final_alpha_cumprod')  # Only DDIM's last step has it.
+
+  def sample_fn(latents, context, negative, guidance_scale, rng):
+    apply = lambda x, t, c, m: pipe.unet.apply({'params': pipe.unet_params}, x, t, context=c)
+    ones = jnp.ones(context.shape[:2], bool)
+    model_fn = guidance.guided_model_fn(apply, context, ones, negative, ones, guidance_scale)
+    z0 = samplers.sample(pipe.schedule, model_fn, latents, rng, sampler=sampler,
+                         num_steps=num_steps, eta=eta, karras=karras, **options)
+    images = pipe.vae.apply({'params': pipe.vae_params}, z0 / pipe.scaling_factor,
+                            method=pipe.vae.decode)
+    return images, z0
+
+  return jax.jit(sample_fn)
+
+
+def generate(pipe: Pipeline, prompts: list[str], negative_prompt: str = '', seed: int = 0,
+             guidance_scale: float = 7.5, latents: np.ndarray | None = None,
+             **sampler_kwargs) -> np.ndarray:
+  """uint8 images [len(prompts), H, W, 3]; `latents` [B, h, w, 4] replaces the seeded noise."""
+  u = pipe.unet
+  if latents is None:
+    latents = jax.random.normal(jax.random.PRNGKey(seed),
+                                (len(prompts), u.sample_size, u.sample_size, u.in_channels))
+  context = encode_prompts(pipe, prompts)
+  negative = encode_prompts(pipe, [negative_prompt] * len(prompts))
+  images, _ = make_sample_fn(pipe, **sampler_kwargs)(
+      jnp.asarray(latents), context, negative, jnp.float32(guidance_scale),
+      jax.random.PRNGKey(seed + 1))
+  return imageio.to_uint8(np.asarray(images))
