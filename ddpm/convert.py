@@ -71,6 +71,18 @@ def params_to_torch_state_dict(params) -> dict[str, np.ndarray]:
   return out
 
 
+def save_diffusers_folder(folder: str | Path, class_name: str, config: dict, params) -> Path:
+  """A folder diffusers' `<class_name>.from_pretrained` opens: config.json + safetensors."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  record = {'_class_name': class_name, '_diffusers_version': '0.30.0', **config}
+  (folder / 'config.json').write_text(json.dumps(record, indent=2, default=list) + '\n')
+  save_file(params_to_torch_state_dict(params), str(folder / 'diffusion_pytorch_model.safetensors'),
+            metadata={'format': 'pt'})
+  return folder
+
+
 def diffusers_config(unet: models.UNet) -> dict:
   """The UNet2DModel constructor arguments of the same architecture."""
   attn = unet.attention_levels()

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import errors, imageio
+from common import errors, imageio, mesh as mesh_lib
 from ddpm import convert, samplers, schedules
 from latent import autoencoder, clip, guidance
 from latent.unet import ConditionalUNet
@@ -98,6 +98,38 @@ def unet_from_config(cfg: dict, dtype=jnp.float32) -> ConditionalUNet:
       dtype=dtype, **kw)
 
 
+def unet_diffusers_config(unet: ConditionalUNet, cross_attention_dim: int) -> dict:
+  """The UNet2DConditionModel config of our ConditionalUNet (the inverse of unet_from_config)."""
+  levels = unet.attention_levels()
+  chans = tuple(unet.block_out_channels)
+  heads = unet.num_heads or [c // (unet.head_dim or c) for c in chans]
+  if not unet.mid_attention:
+    raise errors.ConfigError('UNet2DConditionModel always has mid-block attention; this U-Net '
+                             'has none (model.mid_attention=False).')
+  return dict(
+      sample_size=unet.sample_size, in_channels=unet.in_channels, out_channels=unet.out_channels,
+      block_out_channels=chans, layers_per_block=unet.layers_per_block,
+      down_block_types=tuple('CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in levels),
+      up_block_types=tuple('CrossAttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(levels)),
+      mid_block_type='UNetMidBlock2DCrossAttn', norm_num_groups=unet.norm_groups,
+      norm_eps=unet.norm_eps, cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+      use_linear_projection=unet.linear_projection,
+      transformer_layers_per_block=unet.transformer_depth)
+
+
+def save_unet(folder: str | Path, unet: ConditionalUNet, params, cross_attention_dim: int) -> Path:
+  """Writes a UNet2DConditionModel folder (from_pretrained opens it) of our U-Net."""
+  return convert.save_diffusers_folder(folder, 'UNet2DConditionModel',
+                                       unet_diffusers_config(unet, cross_attention_dim), params)
+
+
+def save_vae(folder: str | Path, vae: autoencoder.AutoencoderKL, params,
+             scaling_factor: float) -> Path:
+  """Writes an AutoencoderKL folder (from_pretrained opens it) of our autoencoder."""
+  config = dict(autoencoder.diffusers_config(vae), scaling_factor=float(scaling_factor))
+  return convert.save_diffusers_folder(folder, 'AutoencoderKL', config, params)
+
+
 def schedule_from_config(cfg: dict) -> tuple[schedules.Schedule, dict]:
   """(Schedule, sampler options) of a diffusers scheduler_config.json."""
   T = cfg.get('num_train_timesteps', 1000)
@@ -126,8 +158,13 @@ def schedule_from_config(cfg: dict) -> tuple[schedules.Schedule, dict]:
   return schedule, options
 
 
-def load(folder: str | Path, dtype=jnp.float32) -> Pipeline:
-  """Every part of a diffusers Stable Diffusion pipeline folder, as our modules."""
+def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
+  """Every part of a diffusers Stable Diffusion pipeline folder, as our modules.
+
+  The weights are placed on `mesh` (default: this process's devices, config-free) by the
+  training seam's rules (common.mesh.state_shardings): with mesh.fsdp > 1 each device holds
+  its share of every large array, so a pipeline larger than one device fits.
+  """
   folder = Path(folder)
   index = _read_json(folder / 'model_index.json')
   for part in ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'):
@@ -135,20 +172,21 @@ def load(folder: str | Path, dtype=jnp.float32) -> Pipeline:
       raise errors.ConfigError(f'{folder}/model_index.json has no {part!r}: not a Stable '
                                'Diffusion pipeline.')
   unet = unet_from_config(_read_json(folder / 'unet' / 'config.json'), dtype)
-  ids = jnp.zeros((1, 1), jnp.int32)
   text_encoder, text_params = clip.load(folder / 'text_encoder', dtype)
   width = text_encoder.hidden_size
   reference = jax.eval_shape(
       lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, unet.sample_size, unet.sample_size,
                                                           unet.in_channels)),
                         jnp.zeros((1,)), context=jnp.zeros((1, 1, width))))['params']
-  del ids
   unet_params = convert.load_diffusers_unet(folder / 'unet', reference)
   vae, vae_params, scaling_factor = autoencoder.load_diffusers_vae(folder / 'vae', dtype)
   schedule, options = schedule_from_config(
       _read_json(folder / 'scheduler' / 'scheduler_config.json'))
-  return Pipeline(unet, unet_params, vae, vae_params, scaling_factor, text_encoder, text_params,
-                  clip.Tokenizer(folder / 'tokenizer'), schedule, options)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+  place = lambda tree: mesh_lib.place(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
+                                      mesh)
+  return Pipeline(unet, place(unet_params), vae, place(vae_params), scaling_factor, text_encoder,
+                  place(text_params), clip.Tokenizer(folder / 'tokenizer'), schedule, options)
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> jnp.ndarray:

@@ -93,3 +93,46 @@ def test_sample_command_writes_numbered_images(sd_folder, tmp_path):
   bad = subprocess.run(command[:6] + ['--config.pipeline=/nowhere'], cwd=repo,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and 'error: /nowhere/model_index.json not found' in bad.stderr
+
+
+def test_our_unet_and_vae_open_in_diffusers(tmp_path):
+  """Ours out: a ConditionalUNet and an autoencoder saved as diffusers folders, opened with
+  from_pretrained, give our outputs (and read back with unet_from_config, the same model)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from latent import autoencoder, unet as unet_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  randomise = lambda tree: jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(0, 0.05, p.shape), jnp.float32), tree)
+  unet = unet_lib.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
+                                  block_out_channels=(16, 32), layers_per_block=1,
+                                  attention_resolutions=(8, 4), head_dim=8, norm_groups=8,
+                                  transformer_depth=1)
+  z = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  t, context = np.array([3, 500]), rng.normal(size=(2, 5, 12)).astype(np.float32)
+  params = randomise(unet.init(jax.random.PRNGKey(0), z, t, context=context)['params'])
+  pipeline.save_unet(tmp_path / 'unet', unet, params, cross_attention_dim=12)
+  theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / 'unet').eval()
+  with torch.no_grad():
+    want = theirs(torch.from_numpy(z.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                  encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+  got = np.asarray(unet.apply({'params': params}, z, t, context=context)).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+  import json  # pylint: disable=g-import-not-at-top
+  assert pipeline.unet_from_config(json.loads((tmp_path / 'unet' / 'config.json').read_text())) == unet
+
+  vae = autoencoder.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1,
+                                  latent_channels=4, norm_groups=8)
+  vae_params = randomise(autoencoder.init_params(vae, jax.random.PRNGKey(1), 16))
+  pipeline.save_vae(tmp_path / 'vae', vae, vae_params, scaling_factor=0.5)
+  loaded, loaded_params, scale = autoencoder.load_diffusers_vae(tmp_path / 'vae')
+  assert scale == 0.5
+  theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / 'vae').eval()
+  latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  with torch.no_grad():
+    want = theirs.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample.numpy()
+  got = np.asarray(vae.apply({'params': vae_params}, latents, method=vae.decode))
+  np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, atol=1e-4 * np.abs(want).max())
+  again = np.asarray(loaded.apply({'params': loaded_params}, latents, method=loaded.decode))
+  np.testing.assert_array_equal(again, got)
