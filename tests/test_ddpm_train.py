@@ -175,6 +175,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
   assert tree_equal(jax.device_get(resumed.ema_params), jax.device_get(full.ema_params))
 
 
+@pytest.mark.slow  # A subprocess on 8 devices (~30 s); test_seam.py's layout test covers more.
 def test_eight_devices_give_the_same_loss_as_one():
   script = f"""
 import sys; sys.path.insert(0, {str(REPO / 'tests')!r})

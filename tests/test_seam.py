@@ -73,6 +73,7 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state():
   assert np.isfinite(metrics['loss'])
 
 
+@pytest.mark.slow  # Two step compilations (~15-30 s): CI's slow tier runs it.
 def test_lr_multiplier_scales_that_group_update_only():
   config = adam_config()
   base_before, base, _ = one_step(config)
@@ -140,6 +141,7 @@ def test_gradient_accumulation_gives_the_big_batch_update():
                                err_msg=k)
 
 
+@pytest.mark.slow  # Two step compilations (~15-30 s): CI's slow tier runs it.
 def test_remat_changes_memory_not_results():
   config = adam_config()
   config.optim.eps = 1e-4

@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = t = ml_collections.ConfigDict()
   t.batch_size = 128               # Global, over all devices and hosts.
-  t.grad_accum_steps = 1           # Split each batch into this many sequential micro-batches.
+  t.grad_accum_steps = 1           # Split each batch into this many sequential micro-batches:
+                                   # the same update (exactly so with model.dropout = 0).
   t.num_steps = 100_000
   t.log_every = 100
   t.checkpoint_every = 5_000
