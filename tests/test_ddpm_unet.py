@@ -13,9 +13,8 @@ TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
             attention_resolutions=(8,), head_dim=16, norm_groups=8)
 
 
-@pytest.fixture(scope='module')
-def pair():
-  """A random diffusers UNet2DModel and our U-Net holding the same weights."""
+def random_pair():
+  """A random diffusers UNet2DModel and our U-Net (TINY) holding the same weights."""
   unet = models.UNet(**TINY)
   torch.manual_seed(0)
   reference = UNet2DModel(**convert.diffusers_config(unet)).eval()
@@ -25,7 +24,12 @@ def pair():
       p.normal_(0, 0.05)
   init = unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))['params']
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  params = convert.params_from_torch_state_dict(state, init)
+  return unet, reference, convert.params_from_torch_state_dict(state, init)
+
+
+@pytest.fixture(scope='module')
+def pair():
+  unet, reference, params = random_pair()
   apply = jax.jit(lambda p, x, t: unet.apply({'params': p}, x, t))
   return unet, reference, params, apply
 

@@ -12,9 +12,8 @@ import flax.traverse_util
 from common import data, lora, params as params_lib
 from ddpm import convert, models, train
 from test_ddpm_train import tiny_config
+from test_ddpm_unet import TINY, random_pair
 
-TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-            attention_resolutions=(8,), head_dim=16, norm_groups=8)
 # Attention projections and the resnets' first convolutions (LoRA on convs too).
 TARGETS = r'.*/(to_q|to_k|to_v|to_out_0|conv1)'
 
@@ -97,21 +96,12 @@ def test_peft_state_dict_round_trip(unet_params):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_export_matches_peft_on_diffusers_unet(unet_params, tmp_path):
+def test_export_matches_peft_on_diffusers_unet(tmp_path):
   """Our adapter, saved as safetensors and injected into diffusers' UNet2DModel with PEFT,
   gives that model our outputs: the file is a standard PEFT LoRA."""
   import peft  # pylint: disable=g-import-not-at-top
-  from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  unet, _ = unet_params
-  torch.manual_seed(0)
-  reference = UNet2DModel(**convert.diffusers_config(unet)).eval()
-  with torch.no_grad():
-    for p in reference.parameters():
-      p.normal_(0, 0.05)
-  init = unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))['params']
-  params = convert.params_from_torch_state_dict(
-      {k: v.numpy() for k, v in reference.state_dict().items()}, init)
+  unet, reference, params = random_pair()
   adapted = randomised(lora.add(params, jax.random.PRNGKey(3), rank=4, alpha=8, targets=TARGETS), 2)
   path = lora.save(tmp_path / 'pytorch_lora_weights.safetensors', lora.split(adapted)[1])
 
