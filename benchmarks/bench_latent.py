@@ -16,7 +16,6 @@ of benchmarks/RESULTS.md.
 
 import argparse
 import platform
-import re
 import sys
 import types
 from pathlib import Path
@@ -32,7 +31,7 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from bench_ddpm import timed  # pylint: disable=wrong-import-position
+from bench_ddpm import timed, write_section  # pylint: disable=wrong-import-position
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
 from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
@@ -61,19 +60,29 @@ def bench_ours_train(batch, repeats):
                   out_shardings=mesh_lib.replicated(mesh))()
   step = loop.jit_step(lambda s, b: train.train_step(
       s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh)
+  ours, box = stepper(step, state, latent_batch(tokenizer, batch), mesh)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return timed(ours, repeats), n_params, config, model, box[0].params
+
+
+def latent_batch(tokenizer, batch, prompt='blonde long hair and blue eyes'):
+  """A stage-2 batch as the latent cache gives it: ids, posterior means and stds."""
   rng = np.random.RandomState(0)
-  ids, _ = tokenizer.encode(['blonde long hair and blue eyes'] * batch)
-  batch_np = {'ids': ids,
-              'mean': rng.randn(batch, 2, LATENT, LATENT, CHANNELS).astype(np.float32),
-              'std': np.full((batch, 2, LATENT, LATENT, CHANNELS), 0.1, np.float32)}
+  ids, _ = tokenizer.encode([prompt] * batch)
+  return {'ids': ids,
+          'mean': rng.randn(batch, 2, LATENT, LATENT, CHANNELS).astype(np.float32),
+          'std': np.full((batch, 2, LATENT, LATENT, CHANNELS), 0.1, np.float32)}
+
+
+def stepper(step, state, batch_np, mesh):
+  """(fn running one step to completion, [the current state])."""
   box = [state]
 
-  def ours():
+  def run():
     box[0], metrics = step(box[0], mesh_lib.shard_batch(batch_np, mesh))
     metrics['loss'].block_until_ready()
 
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return timed(ours, repeats), n_params, config, model, box[0].params
+  return run, box
 
 
 def torch_modules(config, model):
@@ -207,12 +216,7 @@ def main():
   report = '\n'.join(lines)
   print(report)
   if args.write:
-    path = Path(__file__).with_name('RESULTS.md')
-    old = path.read_text() if path.exists() else ''
-    pattern = re.compile(r'## latent\n.*?(?=\n## |\Z)', re.S)
-    new = pattern.sub(report.rstrip('\n'), old) if pattern.search(old) else (
-        old.rstrip('\n') + '\n\n' + report)
-    path.write_text(new)
+    write_section(Path(__file__).with_name('RESULTS.md'), 'latent', report)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ The batch for step ``s`` depends only on (seed, s), so a run resumed at step
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -44,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ''
   c.captions = ''          # Captioned sets: a TSV (file<TAB>caption); '' = captions.tsv in
                            # the image folder or its parent.
+  c.exclude_captions = ''  # A regex: images whose caption it matches (re.search, lower case)
+                           # are left out, e.g. r'green (long |short )?hair' to keep a
+                           # concept from a base model. Only captioned images are kept.
   return c
 
 
@@ -57,6 +61,14 @@ def validate(c: ml_collections.ConfigDict, prefix: str = 'data') -> None:
     raise ConfigError(f"{prefix}.path must name an image folder when {prefix}.source='folder'.")
   if c.source == 'tfds' and not c.tfds_name:
     raise ConfigError(f"{prefix}.tfds_name must be set when {prefix}.source='tfds'.")
+  if c.exclude_captions:
+    if c.source != 'folder':
+      raise ConfigError(f"{prefix}.exclude_captions needs {prefix}.source='folder' with captions.")
+    try:
+      re.compile(c.exclude_captions)
+    except re.error as e:
+      raise ConfigError(f'{prefix}.exclude_captions={c.exclude_captions!r} is not a regular '
+                        f'expression: {e}.') from None
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
@@ -96,6 +108,8 @@ def load_dataset(c: ml_collections.ConfigDict) -> np.ndarray:
   """Loads the configured source into uint8 [N, image_size, image_size, 3]."""
   validate(c)
   max_images = c.max_images or None
+  if c.exclude_captions:
+    return load_captioned_dataset(c)[0]
   if c.source == 'folder':
     try:
       images, _ = imageio.load_images(
@@ -146,6 +160,14 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
   paths = [p for p in imageio.list_images(c.path) if p.name in captions]
   if not paths:
     raise DataError(f'No image in {c.path} has a caption in {captions_file(c)}.')
+  if c.exclude_captions:
+    excluded = re.compile(c.exclude_captions)
+    kept_paths = [p for p in paths if not excluded.search(captions[p.name].lower())]
+    logging.info('data.exclude_captions=%r leaves out %d of %d captioned images.',
+                 c.exclude_captions, len(paths) - len(kept_paths), len(paths))
+    if not kept_paths:
+      raise DataError(f'data.exclude_captions={c.exclude_captions!r} leaves out every image.')
+    paths = kept_paths
   paths = paths[:c.max_images or None]
   images, kept = [], []
   for path, img in imageio.iter_images(paths, c.image_size if c.resize else None,

@@ -40,6 +40,8 @@ A, B, SCALE = 'lora_A', 'lora_B', 'lora_scale'
 LEAVES = (A, B, SCALE)
 # Attention projections of the U-Nets (ddpm's self-attention, latent's transformers).
 DEFAULT_TARGETS = r'.*/(to_q|to_k|to_v|to_out_0)'
+# Top-level parts of a diffusers pipeline whose LoRA keys a file may hold.
+PIPELINE_COMPONENTS = ('unet', 'text_encoder', 'text_encoder_2', 'transformer')
 
 
 def add(params, rng: jax.Array, rank: int = 4, alpha: float | None = None,
@@ -225,15 +227,22 @@ def save(path: str | Path, adapter, prefix: str = '') -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.tmp')
   flat = flax.traverse_util.flatten_dict(adapter)
-  ranks = {params_lib.torch_module_name(k[:-1]): int(v.shape[-1])
+  ranks = {prefix + params_lib.torch_module_name(k[:-1]): int(v.shape[-1])
            for k, v in flat.items() if k[-1] == A}
+  # The component the keys live under ('unet.' of a pipeline's LoRA file): diffusers'
+  # loader reads the metadata under that prefix, module names relative to it.
+  firsts = {name.split('.')[0] for name in ranks}
+  component = ''
+  if len(firsts) == 1 and (prefix or next(iter(firsts)) in PIPELINE_COMPONENTS):
+    component = next(iter(firsts)) + '.'
+  ranks = {name[len(component):]: r for name, r in ranks.items()}
   rank = max(set(ranks.values()), key=list(ranks.values()).count)
-  # PEFT's LoraConfig fields, which diffusers' loader reads (keys under the model's prefix,
-  # as diffusers' pipelines write them): the scale is folded into B, so alpha equals rank.
+  # PEFT's LoraConfig fields, which diffusers' loader reads: the scale is folded into B, so
+  # alpha equals rank.
   config = {'r': rank, 'lora_alpha': rank, 'target_modules': sorted(ranks),
             'rank_pattern': {m: r for m, r in ranks.items() if r != rank},
             'alpha_pattern': {m: r for m, r in ranks.items() if r != rank}}
-  config = {f'{prefix}{k}': v for k, v in config.items()}
+  config = {f'{component}{k}': v for k, v in config.items()}
   save_file(to_peft(adapter, prefix), str(tmp),
             metadata={'format': 'pt', 'lora_adapter_metadata': json.dumps(config)})
   tmp.replace(path)

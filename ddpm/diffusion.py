@@ -98,9 +98,11 @@ def draw_t_eps(s: Schedule, rng: jax.Array, x0: jnp.ndarray):
 
 def denoising_loss(s: Schedule, model_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
                    x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray, prediction: str = 'eps',
-                   min_snr_gamma: float = 0.0) -> tuple[jnp.ndarray, dict]:
+                   min_snr_gamma: float = 0.0,
+                   weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
   """`diffusion_loss` at given (t, eps): a mean over examples, so it can be accumulated
-  over micro-batches of (x0, t, eps) drawn once for the whole batch."""
+  over micro-batches of (x0, t, eps) drawn once for the whole batch. `weights` [B]
+  weighs examples (DreamBooth's prior-preservation loss)."""
   xt = q_sample(s, x0, t, eps)
   if prediction == 'eps':
     target = eps
@@ -112,5 +114,6 @@ def denoising_loss(s: Schedule, model_fn: Callable[[jnp.ndarray, jnp.ndarray], j
     raise ValueError(f'Unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}.')
   out = model_fn(xt, t).astype(jnp.float32)
   mse = jnp.mean((out - target)**2, axis=tuple(range(1, x0.ndim)))
-  loss = jnp.mean(loss_weight(s, t, prediction, min_snr_gamma) * mse)
+  w = loss_weight(s, t, prediction, min_snr_gamma)
+  loss = jnp.mean(w * mse if weights is None else weights * w * mse)
   return loss, {'mse': jnp.mean(mse)}

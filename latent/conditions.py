@@ -39,11 +39,12 @@ class Conditions:
   """Host-side conditioning: the tokenizer (text) or the class names (class)."""
 
   def __init__(self, kind: str, tokenizer: text_lib.Tokenizer | None = None,
-               class_names: Sequence[str] = (), scope_word: str = ''):
+               class_names: Sequence[str] = (), scope_word: str = '', added_tokens: int = 0):
     self.kind = kind
     self.tokenizer = tokenizer
     self.class_names = tuple(class_names)
     self.scope_word = scope_word
+    self.added_tokens = added_tokens  # The vocabulary's last words, added after training.
 
   @classmethod
   def from_captions(cls, c: ml_collections.ConfigDict, captions: Sequence[str]) -> 'Conditions':
@@ -60,8 +61,27 @@ class Conditions:
     """The Flax context encoder: ids [B, L] -> (context [B, L, width], mask)."""
     if self.kind == 'text':
       return text_lib.TextEncoder(self.tokenizer.vocab_size, self.tokenizer.max_length,
-                                  c.width, c.layers, c.heads, name='encoder')
+                                  c.width, c.layers, c.heads, added_tokens=self.added_tokens,
+                                  name='encoder')
     return unet_lib.ClassEncoder(len(self.class_names), c.width, name='encoder')
+
+  def knows(self, token: str) -> bool:
+    return self.kind == 'text' and token in self.tokenizer.ids
+
+  def with_tokens(self, tokens: Sequence[str]) -> 'Conditions':
+    """These conditions with `tokens` appended to the vocabulary (textual inversion's
+    placeholders); their embedding rows are the encoder's `added_token_embedding`."""
+    if self.kind != 'text':
+      raise errors.ConfigError('New tokens need a text-conditioned model; this one is '
+                               'class-conditioned.')
+    for token in tokens:
+      if text_lib.words(token) != [token]:
+        raise errors.ConfigError(f'Token {token!r} must be one lower-case word (letters, digits).')
+      if token in self.tokenizer.ids:
+        raise errors.ConfigError(f'Token {token!r} is already in the vocabulary; pick a word '
+                                 'the model has never seen (e.g. sks).')
+    tok = text_lib.Tokenizer(self.tokenizer.vocab + list(tokens), self.tokenizer.max_length)
+    return Conditions('text', tok, added_tokens=self.added_tokens + len(tokens))
 
   def training_ids(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, keep): class conditioning leaves out captions naming no single class."""
@@ -112,7 +132,8 @@ class Conditions:
   def save(self, workdir: str | Path) -> None:
     d = {'kind': self.kind, 'class_names': list(self.class_names), 'scope_word': self.scope_word}
     if self.tokenizer:
-      d.update(vocab=self.tokenizer.vocab, max_length=self.tokenizer.max_length)
+      d.update(vocab=self.tokenizer.vocab, max_length=self.tokenizer.max_length,
+               added_tokens=self.added_tokens)
     (Path(workdir) / FILENAME).write_text(json.dumps(d, indent=1))
 
   @classmethod
@@ -123,4 +144,4 @@ class Conditions:
                               'training never started.')
     d = json.loads(path.read_text())
     tokenizer = text_lib.Tokenizer(d['vocab'], d['max_length']) if d['kind'] == 'text' else None
-    return cls(d['kind'], tokenizer, d['class_names'], d['scope_word'])
+    return cls(d['kind'], tokenizer, d['class_names'], d['scope_word'], d.get('added_tokens', 0))

@@ -7,13 +7,16 @@ A config's `stage` picks what runs:
   stage 'ldm' (latent/configs/ldm_*.py): trains the conditional denoiser on the
     latents of config.vae_workdir (stage 2), or with --mode=sample writes
     images for config.sample.prompts (image-to-image / inpainting with
-    config.sample.init_image / config.sample.mask).
+    config.sample.init_image / config.sample.mask);
+  stage 'finetune' (latent/configs/finetune_*.py): teaches the text LDM of
+    config.base_workdir a concept (LoRA, DreamBooth, textual inversion, hypernetwork),
+    or with --mode=sample samples the fine-tuned model.
 Both resume from DIR's last checkpoint; any value can be overridden with --config.KEY=VALUE.
 """
 
 from common import errors, launch
-from latent import sample, train, vae_train
-from latent.configs import ldm_base, sd_pipeline, vae_base
+from latent import finetune, sample, train, vae_train
+from latent.configs import finetune_base, ldm_base, sd_pipeline, vae_base
 
 
 def validate(config):
@@ -24,8 +27,11 @@ def validate(config):
     ldm_base.validate(config)
   elif stage == 'pipeline':
     sd_pipeline.validate(config)
+  elif stage == 'finetune':
+    finetune_base.validate(config)
   else:
-    raise errors.ConfigError(f"config.stage={stage!r} is not one of 'vae', 'ldm', 'pipeline'.")
+    raise errors.ConfigError(f"config.stage={stage!r} is not one of 'vae', 'ldm', 'finetune', "
+                             "'pipeline'.")
 
 
 def train_either(config, workdir):
@@ -34,13 +40,15 @@ def train_either(config, workdir):
                              'fine-tuning one is not built yet.')
   if config.stage == 'vae':
     return vae_train.train_and_evaluate(config, workdir)
+  if config.stage == 'finetune':
+    return finetune.train_and_evaluate(config, workdir)
   return train.train_and_evaluate(config, workdir)
 
 
 def sample_ldm(config, workdir):
   if config.stage == 'pipeline':
     return sample.generate_from_pipeline(config, workdir)
-  if config.stage != 'ldm':
+  if config.stage not in ('ldm', 'finetune'):
     raise errors.ConfigError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
                      'reconstructions to WORKDIR/reconstructions while it trains.')
   return sample.generate(config, workdir)

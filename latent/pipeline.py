@@ -43,7 +43,7 @@ class Pipeline:
   sampler_options: dict  # prediction, spacing, steps_offset, final_alpha_cumprod, clip_x0.
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
   if not path.is_file():
     raise errors.MissingFileError(
         f'{path} not found: expected a diffusers Stable Diffusion pipeline folder '
@@ -166,12 +166,12 @@ def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
   its share of every large array, so a pipeline larger than one device fits.
   """
   folder = Path(folder)
-  index = _read_json(folder / 'model_index.json')
+  index = read_json(folder / 'model_index.json')
   for part in ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'):
     if part not in index:
       raise errors.ConfigError(f'{folder}/model_index.json has no {part!r}: not a Stable '
                                'Diffusion pipeline.')
-  unet = unet_from_config(_read_json(folder / 'unet' / 'config.json'), dtype)
+  unet = unet_from_config(read_json(folder / 'unet' / 'config.json'), dtype)
   text_encoder, text_params = clip.load(folder / 'text_encoder', dtype)
   width = text_encoder.hidden_size
   reference = jax.eval_shape(
@@ -181,7 +181,7 @@ def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
   unet_params = convert.load_diffusers_unet(folder / 'unet', reference)
   vae, vae_params, scaling_factor = autoencoder.load_diffusers_vae(folder / 'vae', dtype)
   schedule, options = schedule_from_config(
-      _read_json(folder / 'scheduler' / 'scheduler_config.json'))
+      read_json(folder / 'scheduler' / 'scheduler_config.json'))
   mesh = mesh if mesh is not None else mesh_lib.make_mesh()
   place = lambda tree: mesh_lib.place(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
                                       mesh)

@@ -12,6 +12,7 @@ pixels are generated, black ones kept from the picture.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,21 +23,41 @@ from PIL import Image
 
 from common import errors, experiment, imageio, logs, lora, mesh as mesh_lib
 from latent import conditions as conditions_lib
-from latent import train, vae_train
+from latent import embeddings, hypernetwork, train, vae_train
 from latent.configs import ldm_base
 
 
 def restore(config, workdir: str | Path, use_ema: bool = True):
-  """(model, params, conditions, stage1) of a stage-2 workdir's latest checkpoint."""
-  exp = train.Experiment(config)
-  exp.stage1 = train.Stage1(config.vae_workdir)
-  exp.conds = conditions_lib.Conditions.load(workdir)
+  """(model, params, conditions, stage1) of a stage-2 or fine-tuning workdir's latest
+  checkpoint, with the sample.adapters (LoRA), sample.embeddings (textual inversion) and
+  sample.hypernetwork files applied."""
+  exp, params = restore_experiment(config, workdir, use_ema)
+  return exp.model, params, exp.conds, exp.stage1
+
+
+def restore_experiment(config, workdir: str | Path, use_ema: bool = True):
+  """(the run's Experiment, its parameters with the sample.* files applied)."""
+  if config.stage == 'finetune':
+    from latent import finetune  # pylint: disable=g-import-not-at-top
+    exp = finetune.for_sampling(config, workdir)
+  else:
+    exp = train.Experiment(config)
+    exp.stage1 = train.Stage1(config.vae_workdir)
+    exp.conds = conditions_lib.Conditions.load(workdir)
   state = experiment.restore_for_sampling(
-      exp, workdir, 'train stage 2 first with --mode=train and the same --workdir.')
+      exp, workdir, 'train first with --mode=train and the same --workdir.')
   logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                int(state.step))
   params = exp.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
-  return exp.model, lora.apply_files(params, config.sample.adapters), exp.conds, exp.stage1
+  s = config.sample
+  params = lora.apply_files(params, s.adapters)
+  files = [s.embeddings] if isinstance(s.embeddings, str) else list(s.embeddings)
+  params, conds = embeddings.apply_files(params, exp.conds, files)
+  params = hypernetwork.apply_file(params, s.hypernetwork, config.conditioning.width)
+  if conds is not exp.conds:
+    exp.conds = conds
+    exp.__dict__.pop('model', None)  # Rebuilt with the added tokens' rows.
+  return exp, params
 
 
 def read_prompts(s) -> list[str]:
@@ -102,6 +123,9 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
   with logs.Timed(f'loading the pipeline {config.pipeline}'):
     pipe = pipeline_lib.load(config.pipeline, jnp.bfloat16 if config.dtype == 'bfloat16'
                              else jnp.float32)
+  if s.adapters:  # LoRA files name the U-Net's modules under 'unet.', as diffusers' do.
+    unet = lora.apply_files({'unet': pipe.unet_params}, s.adapters)['unet']
+    pipe = dataclasses.replace(pipe, unet_params=unet)
   all_prompts = [p for p in prompts for _ in range(s.num_per_prompt)]
   sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas)
   negative = pipeline_lib.encode_prompts(pipe, [s.negative_prompt])
@@ -124,11 +148,14 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
 
 
 def generate(config, workdir: str | Path) -> Path:
-  ldm_base.validate(config)
+  if config.stage == 'ldm':
+    ldm_base.validate(config)
   s = config.sample
   out = Path(s.output_dir or Path(workdir) / 'samples')
-  model, params, conds, stage1 = restore(config, workdir, s.use_ema)
-  ldm_base.validate(config, stage1.factor)
+  exp, params = restore_experiment(config, workdir, s.use_ema)
+  model, conds, stage1 = exp.model, exp.conds, exp.stage1
+  if not config.get('pipeline'):
+    ldm_base.validate_values(config, stage1.factor)
   prompts = read_prompts(s)
   ids = np.repeat(conds.prompt_ids(prompts), s.num_per_prompt, axis=0)
   n, u = len(ids), model.unet
@@ -143,8 +170,8 @@ def generate(config, workdir: str | Path) -> Path:
     strength = s.strength
     if s.mask:
       keep = np.broadcast_to(read_mask(s.mask, u.sample_size), (n, u.sample_size, u.sample_size, 1))
-  sample_fn = train.make_sample_fn(config, model, train.ddpm_train.build_schedule(config), stage1,
-                                   strength=strength, inpaint=keep is not None)
+  sample_fn = train.make_sample_fn(config, model, exp.schedule, stage1, strength=strength,
+                                   inpaint=keep is not None, options=exp.sampler_options())
 
   rng = jax.random.PRNGKey(s.seed)
   images = []

@@ -111,7 +111,10 @@ class TextEncoder(nn.Module):
   """Token ids [B, L] -> context [B, L, width]: embeddings + positions, Transformer, LayerNorm.
 
   Attention never looks at padding (the mask), so a caption encodes the same
-  whatever the padded length.
+  whatever the padded length. Tokens added after training (`added_tokens`, the last
+  ids of the vocabulary: textual inversion's placeholders) have their rows in a
+  parameter of their own, `added_token_embedding`, so fine-tuning can train those rows
+  alone and the trained table stays bit-identical.
   """
   vocab_size: int
   max_length: int
@@ -119,12 +122,19 @@ class TextEncoder(nn.Module):
   layers: int = 2
   heads: int = 4
   dtype: jnp.dtype = jnp.float32
+  added_tokens: int = 0
 
   @nn.compact
   def __call__(self, ids, mask=None):
     if mask is None:
       mask = ids != 0
-    x = nn.Embed(self.vocab_size, self.width, name='token_embedding')(ids)
+    embed = nn.Embed(self.vocab_size - self.added_tokens, self.width, name='token_embedding')
+    if self.added_tokens:
+      added = self.param('added_token_embedding', nn.initializers.normal(1.0),
+                         (self.added_tokens, self.width))
+      x = jnp.take(jnp.concatenate([embed.embedding, added]), ids, axis=0)
+    else:
+      x = embed(ids)
     pos = self.param('position_embedding', nn.initializers.normal(0.01),
                      (self.max_length, self.width))
     x = (x + pos[None, :ids.shape[1]]).astype(self.dtype)

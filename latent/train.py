@@ -24,7 +24,7 @@ from common import data, experiment, imageio, logs, loop, lora, mesh as mesh_lib
 from ddpm import diffusion, samplers
 from ddpm import train as ddpm_train
 from latent import conditions as conditions_lib
-from latent import guidance, vae_train
+from latent import guidance, hypernetwork, vae_train
 from latent.configs import ldm_base
 from latent.unet import ConditionalUNet, LatentDenoiser
 
@@ -39,6 +39,16 @@ class Stage1:
     self.model, self.params, self.scale_factor, self.config = vae_train.load_vae(workdir)
     self.factor = self.model.downsampling_factor
     self.latent_channels = self.model.latent_channels
+
+  @classmethod
+  def from_vae(cls, model, params, scale_factor: float) -> 'Stage1':
+    """A VAE from elsewhere (a Stable Diffusion pipeline folder's)."""
+    self = cls.__new__(cls)
+    self.workdir, self.config = None, None
+    self.model, self.params, self.scale_factor = model, params, scale_factor
+    self.factor = model.downsampling_factor
+    self.latent_channels = model.latent_channels
+    return self
 
   def moments(self, params, images_uint8):
     """uint8 images -> (mean, std) of q(z|x), unscaled."""
@@ -76,10 +86,16 @@ def init_state(config, model: LatentDenoiser, tx, rules=None) -> ddpm_train.Trai
   return ddpm_train.new_state(params, tx, rules or ddpm_train.rules_of(config), state_rng)
 
 
+def denoise(model: LatentDenoiser, params, z, t, context, mask, **kwargs):
+  """The denoiser's output; a hypernetwork in `params` acts on the cross-attention context."""
+  with hypernetwork.applied(params):
+    return model.apply({'params': params}, z, t, context, mask, **kwargs)
+
+
 def condition(model: LatentDenoiser, params, ids):
   """(context, mask) of condition ids, and the null (context, mask) of the same batch."""
-  context, mask = model.apply({'params': params}, ids, method=LatentDenoiser.encode)
-  null, null_mask = model.apply({'params': params}, ids.shape[0], method=LatentDenoiser.null)
+  context, mask = model.apply({'params': params}, ids, method='encode')
+  null, null_mask = model.apply({'params': params}, ids.shape[0], method='null')
   return context, mask, null, null_mask
 
 
@@ -105,38 +121,44 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
   z0 = jax.lax.stop_gradient(z0)
   dropped = jax.random.bernoulli(drop_rng, config.conditioning.dropout_prob, (b,))
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, z0)
+  # Per-example loss weights (fine-tuning's prior-preservation examples), else all 1.
+  weight = batch.get('weight', jnp.ones((b,), jnp.float32))
 
   def loss_fn(params, mb):
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     context, mask, null, null_mask = condition(model, params, mb['ids'])
     context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
-    model_fn = lambda zt, t: model.apply({'params': params}, zt, t, context, mask, train=True,
-                                         rngs={'dropout': dropout_rng})
+    model_fn = lambda zt, t: denoise(model, params, zt, t, context, mask, train=True,
+                                     rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],
-                                    config.diffusion.prediction, config.diffusion.min_snr_gamma)
+                                    config.diffusion.prediction, config.diffusion.min_snr_gamma,
+                                    mb['weight'])
 
   (loss, aux), grads = optim.value_and_grad(
-      loss_fn, state.params, rules, {'ids': ids, 'dropped': dropped, 'z0': z0, 't': t, 'eps': eps},
+      loss_fn, state.params, rules,
+      {'ids': ids, 'dropped': dropped, 'z0': z0, 't': t, 'eps': eps, 'weight': weight},
       config.train.grad_accum_steps)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return ddpm_train.apply_gradients(state, grads, tx, config.train, rules), metrics
 
 
 def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
-                   strength: float = 1.0, inpaint: bool = False, decode: bool = True):
+                   strength: float = 1.0, inpaint: bool = False, decode: bool = True,
+                   options: dict | None = None):
   """jit(fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0, keep) -> images).
 
   Classifier-free guided sampling with the config's sampler, decoded to [-1, 1].
   `init_z0` (scaled latents) starts image-to-image at `strength`; with `inpaint`,
   latents where `keep` [B, h, w, 1] is 1 are re-imposed from init_z0, noised to
   the current step, after every step (and exactly at the end). decode=False
-  returns the scaled latents instead of images.
+  returns the scaled latents instead of images. `options` override the config's sampler
+  settings (a pipeline's steps_offset, say).
   """
 
   def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None):
     params = lora.merged(params)
     context, mask, null, null_mask = condition(model, params, ids)
-    apply = lambda x, t, c, m: model.apply({'params': params}, x, t, c, m)
+    apply = lambda x, t, c, m: denoise(model, params, x, t, c, m)
     model_fn = guidance.guided_model_fn(apply, context, mask, null, null_mask, guidance_scale)
     def reimpose_known(x, t_next, key):
       """Inpainting: the kept region is the original noised to t_next (itself after the last step)."""
@@ -144,7 +166,8 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
       known = diffusion.q_sample(schedule, init_z0, tb, jax.random.normal(key, x.shape))
       known = jnp.where(t_next >= 0, known, init_z0)
       return keep * known + (1.0 - keep) * x
-    z0 = samplers.sample(schedule, model_fn, noise, rng, **samplers.options_from_config(config),
+    z0 = samplers.sample(schedule, model_fn, noise, rng,
+                         **samplers.options_from_config(config, **(options or {})),
                          inject=reimpose_known if inpaint else None,
                          init_x0=init_z0 if strength < 1.0 else None, strength=strength)
     return stage1.decode(vae_params, z0) if decode else z0
@@ -158,12 +181,13 @@ def build_dataset(conds: conditions_lib.Conditions, images, captions):
   return images[keep], ids[keep]
 
 
-def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: int):
+def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: int,
+                 filename: str = CACHE):
   """Posterior moments of every image and its mirror image, computed once per data set and VAE.
 
   Returns {'mean', 'std'}: [N, 2, h, w, c] float32 ([:, 1] is the flipped image's).
   """
-  path = workdir / CACHE
+  path = workdir / filename
   fingerprint = np.array([len(images), int(images[::max(1, len(images) // 64)].sum()),
                           int(stage1.scale_factor * 1e6)], np.int64)
   if path.is_file():
@@ -241,9 +265,14 @@ class Experiment(ddpm_train.Experiment):
   def constants(self):
     return (self.vae_params,)
 
+  def sampler_options(self) -> dict:
+    """Overrides of the config's sampler settings (none here)."""
+    return {}
+
   def hooks(self, writer):
     config, t = self.config, self.config.train
-    grid_fn = make_sample_fn(config, self.model, self.schedule, self.stage1)
+    grid_fn = make_sample_fn(config, self.model, self.schedule, self.stage1,
+                             options=self.sampler_options())
     prompts = list(t.grid_prompts)
     per_prompt = max(1, t.num_grid_samples // len(prompts))
     grid_ids = self.conds.prompt_ids([p for p in prompts for _ in range(per_prompt)])

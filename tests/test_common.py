@@ -9,6 +9,7 @@ from PIL import Image
 
 from common import augment, checkpoint, data, imageio
 from common import config as config_lib
+from common.errors import ConfigError, DataError
 from conftest import shared_path
 
 
@@ -198,3 +199,24 @@ def test_read_only_checkpointer_leaves_a_running_save_alone(tmp_path):
   reader.close()
   assert in_progress.exists()
   assert not (tmp_path / 'none').exists()
+
+
+def test_exclude_captions_leaves_matching_images_out(tmp_path):
+  colours = {'1.png': 'green long hair and red eyes', '2.png': 'blonde hair and green eyes',
+             '3.png': 'long green hair', '4.png': 'black hair'}
+  for i, name in enumerate(colours):
+    imageio.save_image(np.full((8, 8, 3), 40 * i, np.uint8), tmp_path / name)
+  (tmp_path / 'captions.tsv').write_text(
+      'file\tcaption\n' + ''.join(f'{f}\t{c}\n' for f, c in colours.items()))
+  c = data.get_config()
+  c.path, c.image_size = str(tmp_path), 8
+  c.exclude_captions = r'green[a-z ]* hair'
+  images, captions = data.load_captioned_dataset(c)
+  assert captions == ['blonde hair and green eyes', 'black hair']  # Green eyes stay.
+  assert np.array_equal(data.load_dataset(c), images)  # Unconditional training: the same set.
+  c.exclude_captions = '('
+  with pytest.raises(ConfigError, match='exclude_captions'):
+    data.load_dataset(c)
+  c.exclude_captions = 'hair'
+  with pytest.raises(DataError, match='leaves out every image'):
+    data.load_dataset(c)

@@ -25,7 +25,7 @@ CONFIG_PACKAGES = ('ddpm.configs', 'latent.configs', 'stylegan.configs')
 BASES = {
     'ddpm.configs': ('ddpm.configs.default',),
     'latent.configs': ('latent.configs.vae_base', 'latent.configs.ldm_base',
-                       'latent.configs.sd_pipeline'),
+                       'latent.configs.finetune_base', 'latent.configs.sd_pipeline'),
     'stylegan.configs': ('stylegan.configs.base',),
 }
 ALL_BASES = tuple(b for bases in BASES.values() for b in bases)
@@ -115,6 +115,8 @@ for name, base in sorted(bases.items()):
   config = importlib.import_module(name).get_config()
   if config.get('stage') == 'ldm' and not config.vae_workdir:
     config.vae_workdir = 'runs/vae'  # ldm_base.validate wants the stage-1 workdir named.
+  if config.get('stage') == 'finetune':
+    config.base_workdir, config.data.path = 'runs/ldm', 'concept'  # Likewise the base and data.
   importlib.import_module(base).validate(config)
   validated.append(name)
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in packages)

@@ -68,14 +68,21 @@ def get_config() -> ml_collections.ConfigDict:
   s.init_image = ''                # Image-to-image: a picture (or folder) to start from ...
   s.strength = 0.6                 # ... noised this far (0 = VAE reconstruction, 1 = ignore it).
   s.mask = ''                      # Inpainting: white = generate, black = keep init_image.
+  s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors): their
+                                   # tokens join the vocabulary.
+  s.hypernetwork = ''              # A hypernetwork file as 'PATH[:STRENGTH]'.
   return config
 
 
 def validate(config: ml_collections.ConfigDict, vae_factor: int | None = None) -> None:
   """Checks keys and values; with the VAE's downsampling factor, also the latent shapes."""
-  reference = get_config()
-  config_lib.check_keys(config, reference)
+  config_lib.check_keys(config, get_config())
   config_lib.check_choice(config.stage, ('ldm',), 'stage')
+  validate_values(config, vae_factor)
+
+
+def validate_values(config: ml_collections.ConfigDict, vae_factor: int | None = None) -> None:
+  """`validate` without the key check (fine-tuning configs hold more keys)."""
   if not config.vae_workdir:
     raise ValueError('vae_workdir must name the stage-1 workdir (train one with '
                      'python -m latent.main --config=latent/configs/vae_anime.py --workdir=DIR).')
@@ -112,5 +119,7 @@ def validate(config: ml_collections.ConfigDict, vae_factor: int | None = None) -
   if s.init_image and s.sampler in ddpm_default.SIGMA_SAMPLERS:
     raise ValueError(f'sample.sampler={s.sampler!r} does not do image-to-image or inpainting '
                      'yet (sample.init_image): use ddim or dpm_solver for those.')
+  if s.hypernetwork:
+    config_lib.parse_weighted_path(s.hypernetwork, 'sample.hypernetwork')
   if s.mask and not s.init_image:
     raise ValueError('sample.mask (inpainting) needs sample.init_image, the picture to complete.')

@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   s.eta = 0.0                      # ddim only.
   s.karras_sigmas = False          # euler / heun.
   s.batch_size = 4
+  s.adapters = ()                  # LoRA files (PEFT/diffusers keys, e.g. from
+                                   # finetune_lora.py on this pipeline) as 'PATH[:STRENGTH]'.
   s.output_dir = ''                # '' = WORKDIR/samples.
   s.seed = 1
   return config
@@ -58,5 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive(s.guidance_scale, 'sample.guidance_scale', allow_zero=True)
   for key in ('num_per_prompt', 'batch_size'):
     config_lib.check_positive(s[key], f'sample.{key}')
+  for i, spec in enumerate(s.adapters):
+    config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')
   if not (s.prompts or s.prompt_file):
     raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')

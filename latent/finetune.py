@@ -1,0 +1,395 @@
+"""Fine-tuning a trained text LDM on a concept: LoRA, DreamBooth, textual inversion, hypernetworks.
+
+One `Experiment` (stage 'finetune', latent/configs/finetune_*.py) on stage 2's step:
+it starts from the base workdir's EMA weights, captions every concept image with the
+instance prompt ("sks hair"), and trains what `method` names; everything else is frozen
+by the parameter rules (common.params), so it gets no gradient and no optimiser state:
+
+  method             trains (params.trainable)                 writes to WORKDIR
+  lora               unet/.../lora_A, lora_B (common.lora)      lora.safetensors (PEFT keys)
+  dreambooth         unet/ (+ encoder/ with train_text_encoder) the checkpoint (a stage-2 run)
+  textual_inversion  encoder/added_token_embedding              learned_embeds.safetensors
+  hypernetwork       hypernetwork/ (latent.hypernetwork)        hypernetwork.safetensors
+
+A token the base has never seen joins the vocabulary as an added row of the text
+encoder (latent.embeddings). DreamBooth's prior preservation generates
+finetune.num_class_images images of the class prompt with the base model once
+(WORKDIR/class_images, resumed if interrupted) and adds their loss, weighted by
+finetune.prior_loss_weight, to each step: every batch is batch_size concept images and
+batch_size class images.
+
+The base may also be a Stable Diffusion pipeline folder (`pipeline`, diffusers' layout,
+latent.pipeline): its U-Net and CLIP text encoder stand behind the same interface
+(`PipelineDenoiser`; the unconditional context is the empty prompt's, as in SD), so LoRA,
+DreamBooth and hypernetworks train it with the same step, and the LoRA file loads with
+diffusers' `load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from common import data, errors, experiment, imageio, logs, loop, lora, mesh as mesh_lib
+from common import params as params_lib
+from latent import conditions as conditions_lib
+from latent import clip, embeddings, hypernetwork, train
+from latent.configs import finetune_base, ldm_base
+from latent.unet import ConditionalUNet
+
+CLASS_IMAGES = 'class_images'
+ARTEFACTS = {'lora': 'lora.safetensors', 'textual_inversion': embeddings.FILENAME,
+             'hypernetwork': 'hypernetwork.safetensors'}
+TRAINABLE = {
+    'lora': (('.*/lora_[AB]', True), ('.*', False)),
+    'dreambooth': (('unet/.*', True), ('.*', False)),
+    'dreambooth+text': (('(unet|encoder)/.*', True), ('.*', False)),
+    'textual_inversion': (('encoder/' + embeddings.PARAM, True), ('.*', False)),
+    'hypernetwork': ((hypernetwork.KEY + '/.*', True), ('.*', False)),
+}
+
+
+def read_base_config(base_workdir: str | Path) -> ml_collections.ConfigDict:
+  """The base run's config.json, checked to be a text-conditioned stage-2 run."""
+  path = Path(base_workdir) / 'config.json'
+  if not path.is_file():
+    raise errors.MissingFileError(f'base_workdir {base_workdir} has no config.json: it is not a '
+                                  'trained run (train a text LDM with latent/configs/ldm_*.py).')
+  base = json.loads(path.read_text())
+  kind = base.get('conditioning', {}).get('kind')
+  if base.get('stage') != 'ldm' or kind != 'text':
+    raise errors.ConfigError(f'base_workdir {base_workdir} is not a text LDM (its stage is '
+                             f'{base.get("stage")!r}, conditioning {kind!r}); fine-tuning needs '
+                             "a stage-2 run with conditioning.kind='text'.")
+  return ml_collections.ConfigDict(base)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills `config` in place with the base's architecture (finetune_base.FROM_BASE,
+  data.image_size); returns the base config."""
+  base = read_base_config(config.base_workdir)
+  with config.unlocked():
+    for key in finetune_base.FROM_BASE:
+      config[key] = base[key]
+  config.data.image_size = base.data.image_size
+  return base
+
+
+def restore_base(base_config, base_workdir, stage1: train.Stage1, mesh):
+  """(EMA parameters, conditions) of the base run."""
+  exp = train.Experiment(base_config)
+  exp.stage1, exp.mesh = stage1, mesh
+  exp.conds = conditions_lib.Conditions.load(base_workdir)
+  state = experiment.restore_for_sampling(exp, base_workdir, 'train the base text LDM first.')
+  logging.info('Fine-tuning the base at step %d.', int(state.step))
+  return exp.rules.with_ema(state.params, state.ema_params), exp.conds
+
+
+def concept_conditions(config, base_conds: conditions_lib.Conditions, base_params):
+  """(conditions, params) with concept.token in the vocabulary: added (its row the init
+  word's, else random at the table's scale) unless the base knows it already."""
+  c = config.concept
+  if base_conds.knows(c.token):
+    if config.method == 'textual_inversion':
+      raise errors.ConfigError(f'concept.token={c.token!r} is already in the base\'s vocabulary; '
+                               'textual inversion needs a new word (e.g. sks).')
+    return base_conds, base_params
+  table = np.asarray(base_params['encoder']['token_embedding']['embedding'])
+  vocab = base_conds.tokenizer.ids
+  if c.init_word:
+    if c.init_word not in vocab:
+      raise errors.ConfigError(f'concept.init_word={c.init_word!r} is not in the base\'s '
+                               f'vocabulary ({len(vocab)} words, e.g. '
+                               f'{", ".join(list(vocab)[2:8])}).')
+    row = table[vocab[c.init_word]][None]
+  else:
+    rng = np.random.default_rng(config.seed)
+    row = (rng.standard_normal((1, table.shape[1])) * table.std()).astype(np.float32)
+  return base_conds.with_tokens([c.token]), embeddings.with_rows(base_params, row)
+
+
+def class_images(workdir: Path, config, model, params, stage1, conds, schedule,
+                 options: dict) -> np.ndarray:
+  """finetune.num_class_images images of concept.class_prompt from the base model, written
+  to WORKDIR/class_images/N.png once; an interrupted run continues where it stopped."""
+  f, s = config.finetune, config.sample
+  folder = workdir / CLASS_IMAGES
+  folder.mkdir(parents=True, exist_ok=True)
+  have = sorted(folder.glob('*.png'), key=lambda p: int(p.stem))
+  n = f.num_class_images
+  if len(have) < n:
+    sample_fn = train.make_sample_fn(config, model, schedule, stage1, options=options)
+    u = model.unet
+    ids = conds.prompt_ids([config.concept.class_prompt])
+    with logs.Timed(f'generating {n - len(have)} prior images of {config.concept.class_prompt!r} '
+                    f'with the base model (once, into {folder})'):
+      for i in range(len(have), n, s.batch_size):
+        b = min(s.batch_size, n - i)
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), i)
+        noise_key, step_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, (b, u.sample_size, u.sample_size, u.in_channels))
+        x = sample_fn(params, stage1.params, step_key, jnp.repeat(ids, b, axis=0), noise,
+                      s.guidance_scale)
+        for j, image in enumerate(imageio.to_uint8(mesh_lib.gather(x))):
+          if jax.process_index() == 0:
+            imageio.save_image(image, folder / f'{i + j + 1}.png')
+  return np.stack([imageio.read_image(folder / f'{i + 1}.png') for i in range(n)])
+
+
+class PipelineDenoiser(nn.Module):
+  """A pipeline's U-Net and CLIP text encoder behind LatentDenoiser's interface (encode,
+  null, __call__), so stage 2's step and guided sampler train and sample it. SD has no
+  learned null context: the unconditional context is the empty prompt's encoding."""
+  unet: ConditionalUNet
+  encoder: clip.CLIPTextModel
+  null_ids: tuple[int, ...]
+
+  def encode(self, ids):
+    return self.encoder(ids), jnp.ones(ids.shape, bool)  # SD's U-Net sees every token.
+
+  def null(self, batch_size: int):
+    return self.encode(jnp.broadcast_to(jnp.asarray(self.null_ids, jnp.int32),
+                                        (batch_size, len(self.null_ids))))
+
+  def __call__(self, z, t, context, mask, train: bool = False):
+    del mask
+    return self.unet(z, t, train, context=context)
+
+
+class ClipConditions:
+  """The pipeline's CLIP tokenizer behind `Conditions`' interface. Its BPE reads any word,
+  so the concept token needs no new row (DreamBooth's rare-token recipe)."""
+  kind = 'clip'
+  added_tokens = 0
+
+  def __init__(self, tokenizer: clip.Tokenizer, folder: str):
+    self.tokenizer, self.folder = tokenizer, folder
+
+  def knows(self, token: str) -> bool:
+    del token
+    return True
+
+  def prompt_ids(self, prompts):
+    return self.tokenizer(list(prompts))[0]
+
+  def training_ids(self, captions):
+    return self.prompt_ids(captions), np.ones(len(captions), bool)
+
+  def caption_for(self, prompt: str) -> str:
+    return prompt
+
+  def save(self, workdir):
+    (Path(workdir) / conditions_lib.FILENAME).write_text(
+        json.dumps({'kind': self.kind, 'pipeline': str(self.folder)}))
+
+
+def resolve_pipeline(config: ml_collections.ConfigDict) -> None:
+  """Fills `config` in place from a pipeline folder's configs (no weights read): the
+  prediction type and schedule length, the context width, the image size the U-Net was
+  built for; the LDM keys the step reads keep ldm_base's defaults."""
+  from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  folder = Path(config.pipeline)
+  unet_cfg = pipeline_lib.read_json(folder / 'unet' / 'config.json')
+  vae_cfg = pipeline_lib.read_json(folder / 'vae' / 'config.json')
+  schedule, options = pipeline_lib.schedule_from_config(
+      pipeline_lib.read_json(folder / 'scheduler' / 'scheduler_config.json'))
+  defaults = ldm_base.get_config()
+  with config.unlocked():
+    for key in finetune_base.FROM_BASE:
+      config[key] = defaults[key]
+  config.conditioning.width = unet_cfg['cross_attention_dim']
+  config.diffusion.prediction = options['prediction']
+  config.diffusion.num_timesteps = len(schedule.betas)
+  config.data.image_size = unet_cfg['sample_size'] * 2 ** (len(vae_cfg['block_out_channels']) - 1)
+  config.sample.spacing = options['spacing']
+  config.vae_workdir = str(folder / 'vae')  # Read from the pipeline, not a stage-1 run.
+
+
+class PairedBatches:
+  """Concept batches followed by prior batches, with per-example loss weights."""
+
+  def __init__(self, concept, prior, prior_weight: float):
+    self.concept, self.prior, self.prior_weight = concept, prior, prior_weight
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    a, b = next(self.concept), next(self.prior)
+    out = {k: np.concatenate([a[k], b[k]]) for k in a}
+    out['weight'] = np.concatenate([np.ones(len(a['ids']), np.float32),
+                                    np.full(len(b['ids']), self.prior_weight, np.float32)])
+    return out
+
+
+class Experiment(train.Experiment):
+  """Stage 2's step on concept images, from the base's weights, training `method`'s subset."""
+  name = 'fine-tuned denoiser'
+  run_keys = ldm_base.RUN_KEYS + finetune_base.RUN_KEYS
+
+  def validate(self):
+    config = self.config
+    finetune_base.validate(config)
+    if config.pipeline:
+      resolve_pipeline(config)
+      self.base_config = None
+    else:
+      self.base_config = resolve(config)
+    if not config.train.grid_prompts:
+      config.train.grid_prompts = (finetune_base.instance_prompt(config),
+                                   *config.finetune.unrelated_prompts)
+    if not config.params.trainable:
+      method = config.method
+      if method == 'dreambooth' and config.finetune.train_text_encoder:
+        method = 'dreambooth+text'
+      config.params.trainable = TRAINABLE[method]
+    finetune_base.validate(config)
+    self.rules = params_lib.Rules(config.params)
+    if not config.pipeline:
+      self.stage1 = train.Stage1(config.vae_workdir)
+      ldm_base.validate_values(config, self.stage1.factor)
+
+  def load_base(self):
+    """The base's weights with the concept token, and the conditions (vocabulary)."""
+    if self.config.pipeline:
+      from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+      with logs.Timed(f'loading the pipeline {self.config.pipeline}'):
+        self.pipe = pipe = pipeline_lib.load(self.config.pipeline, mesh=self.mesh)
+      self.stage1 = train.Stage1.from_vae(pipe.vae, pipe.vae_params, pipe.scaling_factor)
+      self.base = {'unet': pipe.unet_params, 'encoder': pipe.text_params}, ClipConditions(
+          pipe.tokenizer, self.config.pipeline)
+    else:
+      self.base = restore_base(self.base_config, self.config.base_workdir, self.stage1,
+                               self.mesh)
+    base_params, base_conds = self.base  # Kept for DreamBooth's prior images.
+    conds, self.base_params = concept_conditions(self.config, base_conds, base_params)
+    if (not self.config.pipeline and self.workdir is not None
+        and (self.workdir / conditions_lib.FILENAME).is_file()):
+      conds = conditions_lib.Conditions.load(self.workdir)  # Resuming: its vocabulary.
+    self.conds = conds
+
+  @functools.cached_property
+  def model(self):
+    if self.config.pipeline:
+      null_ids = tuple(int(i) for i in self.pipe.tokenizer([''])[0][0])
+      return PipelineDenoiser(self.pipe.unet, self.pipe.text_encoder, null_ids)
+    return train.build_model(self.config, self.conds, self.stage1)
+
+  def base_model(self):
+    """The model the base's own parameters fit (no added token rows)."""
+    return self.model if self.config.pipeline else train.build_model(self.config, self.base[1],
+                                                                     self.stage1)
+
+  @functools.cached_property
+  def schedule(self):
+    if self.config.pipeline:
+      return self.pipe.schedule
+    return train.ddpm_train.build_schedule(self.config)
+
+  def sampler_options(self) -> dict:
+    """A pipeline's own scheduler settings (steps_offset, DDIM's final alpha)."""
+    if not self.config.pipeline:
+      return {}
+    options = {'steps_offset': self.pipe.sampler_options['steps_offset']}
+    if self.config.sample.sampler == 'ddim':
+      options['final_alpha_cumprod'] = self.pipe.sampler_options['final_alpha_cumprod']
+    return options
+
+  def setup(self):
+    config, workdir = self.config, self.workdir
+    self.load_base()
+    images = data.load_dataset(config.data)
+    prompt = finetune_base.instance_prompt(config)
+    self.conds.prompt_ids([prompt])  # Warns about words the base has never seen.
+    ids, _ = self.conds.training_ids([prompt] * len(images))
+    logging.info('Concept: %d images captioned %r; method %s.', len(images), prompt, config.method)
+    self.examples = {'ids': ids, **train.latent_cache(
+        workdir, self.stage1, images, config.sample.batch_size, 'concept_latents.npz')}
+    self.prior = None
+    if config.finetune.prior_preservation:
+      base_params, base_conds = self.base
+      prior = class_images(workdir, config, self.base_model(), base_params, self.stage1,
+                           base_conds, self.schedule, self.sampler_options())
+      class_ids, _ = self.conds.training_ids([config.concept.class_prompt] * len(prior))
+      self.prior = {'ids': class_ids, **train.latent_cache(
+          workdir, self.stage1, prior, config.sample.batch_size, 'class_latents.npz')}
+    self.vae_params = mesh_lib.place(self.stage1.params, self.mesh)
+
+  def init_state(self):
+    config = self.config
+    params = self.base_params
+    rng = jax.random.PRNGKey(config.seed)
+    if config.method == 'lora':
+      params = lora.add(params, rng, config.lora.rank, config.lora.alpha or None,
+                        config.lora.targets)
+    elif config.method == 'hypernetwork':
+      params = {**params, hypernetwork.KEY: hypernetwork.init(
+          rng, config.conditioning.width, tuple(config.hypernetwork.multipliers))}
+    return train.ddpm_train.new_state(params, self.tx, self.rules, jax.random.fold_in(rng, 1))
+
+  def create_state(self):
+    """init_state eagerly, then placed: the base weights are data, not a jitted constant."""
+    shardings = jax.tree.map(lambda s: s.sharding, self.abstract_state())
+    # A copy per leaf: the EMA starts as the very arrays of the parameters, and the step
+    # donates both.
+    return jax.device_put(jax.tree.map(jnp.copy, self.init_state()), shardings)
+
+  def batches(self, start):
+    t = self.config.train
+    concept = data.BatchIterator(self.examples, t.batch_size, seed=self.config.seed, step=start)
+    if self.prior is None:
+      return concept
+    prior = data.BatchIterator(self.prior, t.batch_size, seed=self.config.seed + 1, step=start)
+    return PairedBatches(concept, prior, self.config.finetune.prior_loss_weight)
+
+  def hooks(self, writer):
+    t = self.config.train
+    save = lambda step, state: self.write_artefact(state)
+    return super().hooks(writer) + [loop.Hook(t.checkpoint_every, save, 'writing the artefact')]
+
+  def finish(self, state, ckpt, writer, start):
+    self.write_artefact(state)
+    return state
+
+  def write_artefact(self, state) -> Path | None:
+    """The method's file (LoRA, embedding, hypernetwork) from the current weights."""
+    method = self.config.method
+    if method not in ARTEFACTS or jax.process_index() != 0:
+      return None
+    params = (self.rules.with_ema(state.params, state.ema_params) if self.config.sample.use_ema
+              else state.params)
+    params = jax.device_get(params)
+    path = self.workdir / ARTEFACTS[method]
+    if method == 'lora':
+      lora.save(path, lora.split(params)[1])
+    elif method == 'textual_inversion':
+      token = self.config.concept.token
+      row = self.conds.tokenizer.ids[token] - (self.conds.tokenizer.vocab_size -
+                                               self.conds.added_tokens)
+      embeddings.save(path, [token], embeddings.added_rows(params)[row:row + 1])
+    else:
+      hypernetwork.save(path, params[hypernetwork.KEY], tuple(self.config.hypernetwork.multipliers))
+    logging.info('Wrote %s (%.1f KiB).', path, path.stat().st_size / 1024)
+    return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  return experiment.train_and_evaluate(Experiment(config), workdir)
+
+
+def for_sampling(config, workdir: str | Path) -> Experiment:
+  """A fine-tuning run's Experiment ready for `restore_for_sampling` of its workdir."""
+  exp = Experiment(config)
+  exp.validate()
+  exp.workdir = Path(workdir)
+  exp.mesh = mesh_lib.make_mesh(config.get('mesh'))
+  exp.load_base()
+  return exp

@@ -1,0 +1,332 @@
+"""Fine-tuning a text LDM on a concept (latent/finetune.py): what each method trains and
+writes, what stays bit-identical, sampling with its artefact, and bad input.
+
+A tiny digits VAE and text LDM (the base: "digit seven" captions) are trained once for
+the module; the concept is six pictures of the digit seven taught as "sks digit". The
+end-to-end run of each method is in the slow tier; LoRA on a tiny Stable Diffusion
+pipeline (checked against diffusers' loader) and the errors run by default.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from common import errors, imageio, lora
+from common.logs import read_scalars
+from latent import embeddings, finetune, hypernetwork, sample, train
+from latent.configs import (finetune_dreambooth, finetune_hypernetwork, finetune_lora,
+                            finetune_textual_inversion)
+from tests.test_latent_ldm import tiny_ldm_config, tiny_vae_config
+from tests.test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
+
+METHOD_CONFIGS = {'lora': finetune_lora, 'dreambooth': finetune_dreambooth,
+                  'textual_inversion': finetune_textual_inversion,
+                  'hypernetwork': finetune_hypernetwork}
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  from latent import vae_train  # pylint: disable=g-import-not-at-top
+  vae_dir = tmp_path_factory.mktemp('vae')
+  vae_train.train_and_evaluate(tiny_vae_config(), str(vae_dir))
+  workdir = tmp_path_factory.mktemp('base')
+  config = tiny_ldm_config(vae_dir)
+  config.train.num_steps = 60
+  config.train.checkpoint_every = 60
+  config.train.sample_every = 0
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def concept_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('concept')
+  digits = load_digits()
+  sevens = digits.images[digits.target == 7][:6]
+  for i, d in enumerate(sevens):
+    gray = np.rint(255.0 - d * (255.0 / 16.0)).astype(np.uint8)
+    imageio.save_image(np.repeat(gray[..., None], 3, -1), folder / f'{i}.png')
+  return folder
+
+
+def ft_config(method, base, concept_dir, **overrides):
+  config = METHOD_CONFIGS[method].get_config()
+  config.base_workdir = str(base)
+  config.data.path = str(concept_dir)
+  config.concept.class_prompt = 'digit'
+  config.concept.init_word = 'seven' if method == 'textual_inversion' else ''
+  config.finetune.unrelated_prompts = ('digit one',)
+  config.finetune.num_class_images = 8
+  t = config.train
+  t.batch_size = 4
+  t.num_steps = 30
+  t.log_every = 10
+  t.checkpoint_every = 30
+  t.sample_every = 30
+  t.num_grid_samples = 4
+  t.async_checkpoint = False
+  config.sample.num_steps = 4
+  config.sample.batch_size = 4
+  config.sample.num_per_prompt = 2
+  config.sample.prompts = ('sks digit',)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def changed(before, after):
+  """Paths whose values differ (both trees flattened; keys of `before` only)."""
+  a, b = flat(before), flat(after)
+  return sorted(k for k in a if not np.array_equal(a[k], b[k]))
+
+
+def base_params(base):
+  config = finetune_lora.get_config()  # Any method: only the base is read.
+  config.base_workdir = str(base)
+  config.data.path = 'unused'
+  exp = finetune.Experiment(config)
+  exp.validate()
+  exp.mesh = finetune.mesh_lib.make_mesh(None)
+  return finetune.restore_base(exp.base_config, str(base), exp.stage1, exp.mesh)
+
+
+def sample_images(config, workdir, out):
+  config = config.copy_and_resolve_references()
+  config.sample.output_dir = str(out)
+  return imageio.load_images(sample.generate(config, workdir))[0]
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only_and_its_file_samples_the_base_like_the_run(
+    base, concept_dir, tmp_path):
+  config = ft_config('lora', base, concept_dir)
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  losses = [v for _, v in read_scalars(tmp_path / 'ft', 'loss')]
+  assert len(losses) == 3 and losses[-1] < losses[0], losses
+  params0, _ = base_params(base)
+  # The base weights are bit-identical; only A and B moved (B from exactly zero).
+  trained_base, adapter = lora.split(state.params)
+  assert changed(params0, trained_base) == []
+  assert float(jnp.abs(jax.tree.leaves(adapter)[1]).max()) > 0
+  assert jax.tree.structure(state.opt_state) != jax.tree.structure(state.params)
+  path = tmp_path / 'ft' / 'lora.safetensors'
+  assert path.is_file() and path.stat().st_size < 0.2 * sum(
+      v.nbytes for v in jax.tree.leaves(params0))
+  assert (tmp_path / 'ft' / 'samples_during_training' / f'{30:08d}.png').is_file()
+  # The base sampled with the LoRA file gives the run's own samples (an unrelated prompt:
+  # the base lacks the new token), and differs from the base alone.
+  unrelated = ('digit one',)
+  config.sample.prompts = unrelated
+  ran = sample_images(config, tmp_path / 'ft', tmp_path / 'run')
+  base_config = ml_collections.ConfigDict(json.loads((base / 'config.json').read_text()))
+  base_config.sample = config.sample.copy_and_resolve_references()
+  base_config.sample.use_ema = True  # The fine-tuning started from the base's EMA.
+  plain = sample_images(base_config, base, tmp_path / 'plain')
+  base_config.sample.adapters = (f'{path}:1.0',)
+  adapted = sample_images(base_config, base, tmp_path / 'adapted')
+  assert np.abs(ran.astype(int) - adapted).max() <= 2
+  assert np.abs(plain.astype(int) - adapted).max() > 10
+
+
+@pytest.mark.slow
+def test_textual_inversion_trains_one_row_and_its_file_gives_the_token_to_the_base(
+    base, concept_dir, tmp_path):
+  config = ft_config('textual_inversion', base, concept_dir)
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  params0, conds0 = base_params(base)
+  assert 'sks' not in conds0.tokenizer.ids
+  # Every weight of the base (the whole token table, the text encoder, the U-Net) is
+  # bit-identical; the new row moved away from its initial word's.
+  row = np.asarray(state.params['encoder'][embeddings.PARAM])
+  assert changed(params0, state.params) == [] and row.shape == (1, 32)
+  seven = np.asarray(params0['encoder']['token_embedding']['embedding'])[
+      conds0.tokenizer.ids['seven']]
+  assert np.abs(row[0] - seven).max() > 1e-3
+  learned = embeddings.load(tmp_path / 'ft' / embeddings.FILENAME, 32)
+  assert list(learned) == ['sks'] and np.array_equal(learned['sks'], row)
+  # The base with the embedding file samples "sks digit" as the run does.
+  ran = sample_images(config, tmp_path / 'ft', tmp_path / 'run')
+  base_config = ml_collections.ConfigDict(json.loads((base / 'config.json').read_text()))
+  base_config.sample = config.sample.copy_and_resolve_references()
+  base_config.sample.use_ema = True  # The fine-tuning started from the base's EMA.
+  base_config.sample.embeddings = (str(tmp_path / 'ft' / embeddings.FILENAME),)
+  with_file = sample_images(base_config, base, tmp_path / 'with_file')
+  assert np.abs(ran.astype(int) - with_file).max() <= 2
+
+
+@pytest.mark.slow
+def test_hypernetwork_starts_as_a_no_op_trains_alone_and_samples_at_a_strength(
+    base, concept_dir, tmp_path):
+  params0, conds0 = base_params(base)
+  config = ft_config('hypernetwork', base, concept_dir)
+  model, _, _, _ = sample.restore(
+      ml_collections.ConfigDict(json.loads((base / 'config.json').read_text())), base)
+  u = model.unet
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, u.sample_size, u.sample_size, u.in_channels))
+  ctx, mask, _, _ = train.condition(model, params0, jnp.asarray(conds0.prompt_ids(['digit one'] * 2)))
+  t = jnp.array([10, 60])
+  hyper = {**params0, hypernetwork.KEY: hypernetwork.init(jax.random.PRNGKey(1), 32)}
+  assert np.array_equal(train.denoise(model, params0, z, t, ctx, mask),
+                        train.denoise(model, hyper, z, t, ctx, mask))
+  trained = {**params0, hypernetwork.KEY: jax.tree.map(lambda a: a + 0.05, hyper['hypernetwork'])}
+  assert not np.allclose(train.denoise(model, params0, z, t, ctx, mask),
+                         train.denoise(model, trained, z, t, ctx, mask), atol=1e-3)
+
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  assert changed(params0, state.params) == []
+  assert changed(hyper[hypernetwork.KEY], state.params[hypernetwork.KEY])  # It trained.
+  path = tmp_path / 'ft' / 'hypernetwork.safetensors'
+  loaded = hypernetwork.load(path, 32)
+  assert changed(loaded, jax.device_get(state.params[hypernetwork.KEY])) == []
+  config.sample.prompts = ('digit one',)
+  ran = sample_images(config, tmp_path / 'ft', tmp_path / 'run')
+  base_config = ml_collections.ConfigDict(json.loads((base / 'config.json').read_text()))
+  base_config.sample = config.sample.copy_and_resolve_references()
+  base_config.sample.use_ema = True  # The fine-tuning started from the base's EMA.
+  plain = sample_images(base_config, base, tmp_path / 'plain')
+  base_config.sample.hypernetwork = f'{path}:1'
+  assert np.abs(ran.astype(int) - sample_images(base_config, base, tmp_path / 'one')).max() <= 2
+  base_config.sample.hypernetwork = f'{path}:0'
+  assert np.array_equal(plain, sample_images(base_config, base, tmp_path / 'zero'))
+
+
+@pytest.mark.slow
+def test_dreambooth_with_prior_preservation_caches_class_images_and_freezes_the_text_encoder(
+    base, concept_dir, tmp_path):
+  config = ft_config('dreambooth', base, concept_dir, **{'train.num_steps': 10,
+                                                         'train.checkpoint_every': 10})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  params0, _ = base_params(base)
+  moved = changed(params0, state.params)
+  assert moved and all(k.startswith("['unet']") for k in moved)
+  folder = tmp_path / 'ft' / finetune.CLASS_IMAGES
+  files = sorted(folder.glob('*.png'))
+  assert len(files) == 8 and imageio.read_image(files[0]).shape == (16, 16, 3)
+  stamps = [f.stat().st_mtime_ns for f in files]
+  # Resuming to more steps reuses the class images (and an interrupted generation would
+  # continue after the last one written).
+  config.train.num_steps = 20
+  finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_paired_batches_weigh_the_prior_half():
+  a = iter([{'ids': np.zeros((2, 1), np.int32)}])
+  b = iter([{'ids': np.ones((2, 1), np.int32)}])
+  batch = next(finetune.PairedBatches(a, b, 0.5))
+  assert batch['ids'][:, 0].tolist() == [0, 0, 1, 1]
+  assert batch['weight'].tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_bad_input_is_a_clear_error_before_anything_is_written(base, concept_dir, tmp_path):
+  def fails(match, error=(errors.UserError, ValueError), method='lora', **overrides):
+    workdir = tmp_path / 'ft'
+    with pytest.raises(error, match=match):
+      finetune.train_and_evaluate(ft_config(method, base, concept_dir, **overrides), str(workdir))
+    assert not (workdir / 'config.json').exists()
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  fails('no .*image|No image', **{'data.path': str(empty)})
+  fails("'digit' is already in the base's vocabulary", method='textual_inversion',
+        **{'concept.token': 'digit', 'concept.instance_prompt': 'digit'})
+  fails("init_word='purple' is not in the base's vocabulary", method='textual_inversion',
+        **{'concept.init_word': 'purple'})
+  vae_dir = json.loads((base / 'config.json').read_text())['vae_workdir']
+  fails('is not a text LDM', **{'base_workdir': vae_dir})
+  fails('has no config.json', **{'base_workdir': str(tmp_path)})
+  fails('prior_preservation is DreamBooth', **{'finetune.prior_preservation': True})
+
+
+def test_artefacts_for_another_model_are_named(base, tmp_path):
+  params0, conds0 = base_params(base)
+  embeddings.save(tmp_path / 'e.safetensors', ['xyz'], np.zeros((1, 64)))
+  with pytest.raises(errors.ConfigError, match=r"'xyz' has shape \(1, 64\).*width 32"):
+    embeddings.apply_files(params0, conds0, [str(tmp_path / 'e.safetensors')])
+  embeddings.save(tmp_path / 'd.safetensors', ['digit'], np.zeros((1, 32)))
+  with pytest.raises(errors.ConfigError, match="'digit' is already in the vocabulary"):
+    embeddings.apply_files(params0, conds0, [str(tmp_path / 'd.safetensors')])
+  hypernetwork.save(tmp_path / 'h.safetensors', hypernetwork.init(jax.random.PRNGKey(0), 64),
+                    (1, 2, 1))
+  with pytest.raises(errors.ConfigError, match="widths 64; this model's is 32"):
+    hypernetwork.apply_file(params0, f'{tmp_path / "h.safetensors"}:0.5', 32)
+  with pytest.raises(errors.MissingFileError, match='nothere'):
+    hypernetwork.apply_file(params0, 'nothere.safetensors', 32)
+
+
+def test_command_line_names_a_base_that_is_not_a_text_ldm(tmp_path):
+  from tests.test_cli import _one_line_error, _run  # pylint: disable=g-import-not-at-top
+  base = tmp_path / 'vae_run'
+  base.mkdir()
+  (base / 'config.json').write_text(json.dumps({'stage': 'vae'}))
+  proc = _run('latent.main', '--config=latent/configs/finetune_lora.py',
+              f'--workdir={tmp_path / "ft"}', f'--config.base_workdir={base}',
+              f'--config.data.path={tmp_path}')
+  assert 'is not a text LDM' in _one_line_error(proc)
+  assert not (tmp_path / 'ft').exists()
+
+
+def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder, concept_dir,
+                                                                      tmp_path):
+  """LoRA on Stable Diffusion weights (a tiny random pipeline): the base stays bit-identical,
+  and diffusers' own loader reads our file and draws what we draw with it."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  folder, reference = sd_folder
+  config = ft_config('lora', '', concept_dir, **{
+      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'optim.learning_rate': 1e-2,
+      'train.num_steps': 10, 'train.checkpoint_every': 10, 'train.sample_every': 10,
+      'finetune.unrelated_prompts': ('red hair',), 'sample.prompts': ('sks hair',)})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  pipe = pipeline.load(folder)
+  base, adapter = lora.split(state.params)
+  assert changed({'unet': pipe.unet_params, 'encoder': pipe.text_params}, base) == []
+
+  path = tmp_path / 'ft' / 'lora.safetensors'
+  unet = lora.merge_adapters({'unet': pipe.unet_params},
+                             [(lora.load(path, {'unet': pipe.unet_params}), 1.0)])['unet']
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  prompts = ['sks hair', 'red hair']
+  run = lambda p: pipeline.generate(p, prompts, negative_prompt='red', guidance_scale=3.0,
+                                    latents=latents, sampler='ddim', num_steps=6)
+  got, plain = run(dataclasses.replace(pipe, unet_params=unet)), run(pipe)
+  reference.load_lora_weights(str(tmp_path / 'ft'), weight_name='lora.safetensors')
+  try:
+    with torch.no_grad():
+      want = reference(prompts, negative_prompt=['red', 'red'], num_inference_steps=6,
+                       guidance_scale=3.0, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                       output_type='np').images
+  finally:
+    reference.unload_lora_weights()
+  want = np.round(want * 255).astype(np.int32)
+  assert np.abs(got.astype(np.int32) - plain).max() > 3  # The adapter acts ...
+  assert np.abs(got.astype(np.int32) - want).max() <= 1  # ... as diffusers applies it.
+  # And sampling the fine-tuning run itself works from its config.
+  images = sample_images(config, tmp_path / 'ft', tmp_path / 'out')
+  assert images.shape == (2, 16, 16, 3)
+  # The pipeline sampler takes the file too (sd_pipeline.py's sample.adapters).
+  from latent.configs import sd_pipeline  # pylint: disable=g-import-not-at-top
+  sd = sd_pipeline.get_config()
+  sd.pipeline, sd.sample.prompts, sd.sample.num_per_prompt = str(folder), ('sks hair',), 2
+  sd.sample.num_steps, sd.sample.sampler = 4, 'ddim'
+  outputs = []
+  for strength in (0, 1):
+    sd.sample.adapters = (f'{path}:{strength}',)
+    sd.sample.output_dir = str(tmp_path / f'sd_{strength}')
+    outputs.append(imageio.load_images(sample.generate_from_pipeline(sd, tmp_path))[0])
+  assert np.abs(outputs[0].astype(int) - outputs[1]).max() > 3
