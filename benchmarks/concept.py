@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,18 +61,36 @@ def set_key(config, key, value):
   config[leaf] = value
 
 
-def concept_folder(out: Path, num: int, seed: int = 0) -> Path:
-  """`num` faces whose caption's one hair colour is COLOUR (the ones the base never saw)."""
-  folder = out / 'concept'
-  if len(list(folder.glob('*.jpg'))) == num:
-    return folder
-  folder.mkdir(parents=True, exist_ok=True)
+def green_faces() -> list[str]:
   rows = imageio.read_caption_table(DATA / 'captions.tsv')
-  names = sorted(f for f, c in rows if attributes.hair_colour_from_caption(c) == COLOUR)
-  picked = np.random.default_rng(seed).choice(names, num, replace=False)
+  return sorted(f for f, c in rows if attributes.hair_colour_from_caption(c) == COLOUR)
+
+
+def concept_folder(out: Path, num: int, base_config, seed: int = 0) -> Path:
+  """`num` faces whose caption's one hair colour is COLOUR, checked to be ones the base's
+  data.exclude_captions left out (so the base never saw them)."""
+  excluded = base_config.data.exclude_captions
+  if not excluded:
+    raise SystemExit(f'The base was trained on every face (data.exclude_captions is empty): '
+                     f'it has seen {COLOUR} hair.')
+  captions = dict(imageio.read_caption_table(DATA / 'captions.tsv'))
+  picked = np.random.default_rng(seed).choice(green_faces(), num, replace=False)
+  leaked = [f for f in picked if not re.search(excluded, captions[f], re.IGNORECASE)]
+  if leaked:
+    raise SystemExit(f'{leaked} were in the base\'s training data ({excluded!r} keeps them).')
+  folder = out / 'concept'
+  shutil.rmtree(folder, ignore_errors=True)
+  folder.mkdir(parents=True)
   for name in picked:
     (folder / name).write_bytes((DATA / 'images' / name).read_bytes())
   return folder
+
+
+def real_ceiling(num: int = 96) -> attributes.AttributeResult:
+  """The measure on real green-haired faces at the generated size (32x32): its ceiling."""
+  names = np.random.default_rng(1).choice(green_faces(), num, replace=False)
+  images = np.stack([imageio.read_image(DATA / 'images' / f, 32) for f in names])
+  return attributes.attribute_accuracy(images, [COLOUR] * num)
 
 
 def sample_and_score(config, workdir: Path, out: Path, n_concept: int, n_colour: int):
@@ -105,12 +125,16 @@ def main():
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   logs.quiet_library_logs()
   out = Path(args.out)
-  folder = concept_folder(out, args.concept_images)
   base_config = finetune.read_base_config(args.base)
-  results = {}
   path = out / 'results.json'
-  if path.is_file():
-    results = json.loads(path.read_text())
+  settings = {k: v for k, v in vars(args).items() if k not in ('methods', 'figure')}
+  results = json.loads(path.read_text()) if path.is_file() else {}
+  if results.get('settings') != settings:  # Other settings: start again.
+    results = {'settings': settings}
+  folder = concept_folder(out, args.concept_images, base_config)
+  if 'real' not in results:
+    r = real_ceiling()
+    results['real'] = {'concept': r.accuracy, 'concept_faces': r.detection_rate}
 
   if 'base' not in results:
     c_acc, col_acc, images = sample_and_score(base_config, Path(args.base), out / 'base',
@@ -133,15 +157,17 @@ def main():
     for k, v in overrides.items():
       set_key(config, k, v)
     workdir = out / name
+    shutil.rmtree(workdir, ignore_errors=True)  # A run from a crash would resume: time anew.
     start = time.perf_counter()
     state = finetune.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - start
     rate = [v for _, v in logs.read_scalars(workdir, 'steps_per_sec')]
     trainable = sum(int(np.prod(x.shape)) for x in
                     jax.tree.leaves(finetune.params_lib.Rules(config.params).split(state.params)[0]))
-    artefact = workdir / finetune.ARTEFACTS.get(config.method, 'checkpoints')
-    size = (artefact.stat().st_size if artefact.is_file() else
-            sum(f.stat().st_size for f in artefact.rglob('*') if f.is_file()))
+    artefact = workdir / finetune.ARTEFACTS.get(config.method, '')
+    # DreamBooth's artefact is the fine-tuned U-Net itself (float32), not the checkpoint
+    # folder (which also holds the optimiser state).
+    size = artefact.stat().st_size if artefact.is_file() else 4 * trainable
     c_acc, col_acc, _ = sample_and_score(config, workdir, out / name / 'eval', args.n_concept,
                                          args.n_colour)
     results[name] = {'concept': c_acc.accuracy, 'concept_faces': c_acc.detection_rate,
@@ -152,10 +178,12 @@ def main():
     path.write_text(json.dumps(results, indent=1))
     logging.info('%s: %s', name, results[name])
 
-  b = results['base']
+  b, real = results['base'], results['real']
   print(f'| method | concept accuracy ("{CONCEPT_PROMPT}" -> {COLOUR}) | colour accuracy '
         '(drift) | trainable parameters | artefact | steps/s | wall |')
   print('|---|---|---|---|---|---|---|')
+  print(f'| real {COLOUR}-haired faces at 32x32 (the measure\'s ceiling) | {real["concept"]:.2f} '
+        f'(faces {real["concept_faces"]:.0%}) | - | - | - | - | - |')
   print(f'| base (never saw {COLOUR} hair) | {b["concept"]:.2f} (faces {b["concept_faces"]:.0%}) '
         f'| {b["colours"]:.2f} | - | - | - | - |')
   for name in METHODS:

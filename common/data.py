@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ''
   c.captions = ''          # Captioned sets: a TSV (file<TAB>caption); '' = captions.tsv in
                            # the image folder or its parent.
-  c.exclude_captions = ''  # A regex: images whose caption it matches (re.search, lower case)
+  c.exclude_captions = ''  # A regex: images whose caption it matches (re.search, any case)
                            # are left out, e.g. r'green (long |short )?hair' to keep a
                            # concept from a base model. Only captioned images are kept.
   return c
@@ -161,8 +161,8 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
   if not paths:
     raise DataError(f'No image in {c.path} has a caption in {captions_file(c)}.')
   if c.exclude_captions:
-    excluded = re.compile(c.exclude_captions)
-    kept_paths = [p for p in paths if not excluded.search(captions[p.name].lower())]
+    excluded = re.compile(c.exclude_captions, re.IGNORECASE)
+    kept_paths = [p for p in paths if not excluded.search(captions[p.name])]
     logging.info('data.exclude_captions=%r leaves out %d of %d captioned images.',
                  c.exclude_captions, len(paths) - len(kept_paths), len(paths))
     if not kept_paths:

@@ -7,7 +7,7 @@ by the parameter rules (common.params), so it gets no gradient and no optimiser 
 
   method             trains (params.trainable)                 writes to WORKDIR
   lora               unet/.../lora_A, lora_B (common.lora)      lora.safetensors (PEFT keys)
-  dreambooth         unet/ (+ encoder/ with train_text_encoder) the checkpoint (a stage-2 run)
+  dreambooth         unet/ (+ encoder/ with train_text_encoder) the checkpoint (sample the run)
   textual_inversion  encoder/added_token_embedding              learned_embeds.safetensors
   hypernetwork       hypernetwork/ (latent.hypernetwork)        hypernetwork.safetensors
 
@@ -69,7 +69,18 @@ def read_base_config(base_workdir: str | Path) -> ml_collections.ConfigDict:
     raise errors.ConfigError(f'base_workdir {base_workdir} is not a text LDM (its stage is '
                              f'{base.get("stage")!r}, conditioning {kind!r}); fine-tuning needs '
                              "a stage-2 run with conditioning.kind='text'.")
-  return ml_collections.ConfigDict(base)
+  config = ldm_base.get_config()  # Keys added since the base was trained keep their defaults.
+  _merge(config, base)
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict) -> None:
+  with config.unlocked():
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+        _merge(config[key], value)
+      else:
+        config[key] = value
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -102,7 +113,7 @@ def concept_conditions(config, base_conds: conditions_lib.Conditions, base_param
       raise errors.ConfigError(f'concept.token={c.token!r} is already in the base\'s vocabulary; '
                                'textual inversion needs a new word (e.g. sks).')
     return base_conds, base_params
-  table = np.asarray(base_params['encoder']['token_embedding']['embedding'])
+  table = mesh_lib.gather(base_params['encoder']['token_embedding']['embedding'])
   vocab = base_conds.tokenizer.ids
   if c.init_word:
     if c.init_word not in vocab:
@@ -119,28 +130,48 @@ def concept_conditions(config, base_conds: conditions_lib.Conditions, base_param
 def class_images(workdir: Path, config, model, params, stage1, conds, schedule,
                  options: dict) -> np.ndarray:
   """finetune.num_class_images images of concept.class_prompt from the base model, written
-  to WORKDIR/class_images/N.png once; an interrupted run continues where it stopped."""
+  to WORKDIR/class_images/N.png once. An interrupted run continues where it stopped; images
+  made with other settings (prompt, sampler, base) are made again."""
   f, s = config.finetune, config.sample
   folder = workdir / CLASS_IMAGES
-  folder.mkdir(parents=True, exist_ok=True)
-  have = sorted(folder.glob('*.png'), key=lambda p: int(p.stem))
-  n = f.num_class_images
-  if len(have) < n:
+  made_with = {'class_prompt': config.concept.class_prompt, 'base': config.base_workdir or
+               config.pipeline, 'seed': config.seed, 'sampler': s.sampler, 'steps': s.num_steps,
+               'guidance_scale': s.guidance_scale, 'batch_size': s.batch_size}
+  info = folder / 'made_with.json'
+  n, b = f.num_class_images, s.batch_size
+  if info.is_file() and json.loads(info.read_text()) == made_with:
+    have = 0
+    while have < n and (folder / f'{have + 1}.png').is_file():
+      have += 1
+    have -= have % b if have < n else 0  # Restart at a batch boundary: the same noise.
+  else:
+    have = 0
+  if jax.process_count() > 1:  # Every process runs the (sharded) sampler as often.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    have = int(multihost_utils.broadcast_one_to_all(np.int32(have)))
+  if have < n:
+    if jax.process_index() == 0:
+      folder.mkdir(parents=True, exist_ok=True)
+      info.write_text(json.dumps(made_with))
     sample_fn = train.make_sample_fn(config, model, schedule, stage1, options=options)
     u = model.unet
     ids = conds.prompt_ids([config.concept.class_prompt])
-    with logs.Timed(f'generating {n - len(have)} prior images of {config.concept.class_prompt!r} '
+    with logs.Timed(f'generating {n - have} prior images of {config.concept.class_prompt!r} '
                     f'with the base model (once, into {folder})'):
-      for i in range(len(have), n, s.batch_size):
-        b = min(s.batch_size, n - i)
+      for i in range(have, n, b):
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), i)
         noise_key, step_key = jax.random.split(key)
-        noise = jax.random.normal(noise_key, (b, u.sample_size, u.sample_size, u.in_channels))
-        x = sample_fn(params, stage1.params, step_key, jnp.repeat(ids, b, axis=0), noise,
+        m = min(b, n - i)
+        noise = jax.random.normal(noise_key, (m, u.sample_size, u.sample_size, u.in_channels))
+        x = sample_fn(params, stage1.params, step_key, jnp.repeat(ids, m, axis=0), noise,
                       s.guidance_scale)
-        for j, image in enumerate(imageio.to_uint8(mesh_lib.gather(x))):
-          if jax.process_index() == 0:
-            imageio.save_image(image, folder / f'{i + j + 1}.png')
+        images = imageio.to_uint8(mesh_lib.gather(x))
+        if jax.process_index() == 0:
+          for j, image in enumerate(images):
+            tmp = folder / f'{i + j + 1}.tmp.png'
+            imageio.save_image(image, tmp)
+            tmp.replace(folder / f'{i + j + 1}.png')  # Never a half-written image.
+    mesh_lib.barrier('class images')
   return np.stack([imageio.read_image(folder / f'{i + 1}.png') for i in range(n)])
 
 
@@ -210,6 +241,7 @@ def resolve_pipeline(config: ml_collections.ConfigDict) -> None:
   config.diffusion.num_timesteps = len(schedule.betas)
   config.data.image_size = unet_cfg['sample_size'] * 2 ** (len(vae_cfg['block_out_channels']) - 1)
   config.sample.spacing = options['spacing']
+  config.sample.clip_x0 = options['clip_x0']
   config.vae_workdir = str(folder / 'vae')  # Read from the pipeline, not a stage-1 run.
 
 
@@ -236,6 +268,12 @@ class Experiment(train.Experiment):
   run_keys = ldm_base.RUN_KEYS + finetune_base.RUN_KEYS
 
   def validate(self):
+    try:
+      self._validate()
+    except ValueError as e:  # The LDM keys' checks, once the base's are in: the user's.
+      raise errors.ConfigError(str(e.args[0]) if e.args else repr(e)) from e
+
+  def _validate(self):
     config = self.config
     finetune_base.validate(config)
     if config.pipeline:
@@ -243,6 +281,8 @@ class Experiment(train.Experiment):
       self.base_config = None
     else:
       self.base_config = resolve(config)
+    if not config.sample.prompts:
+      config.sample.prompts = (finetune_base.instance_prompt(config),)
     if not config.train.grid_prompts:
       config.train.grid_prompts = (finetune_base.instance_prompt(config),
                                    *config.finetune.unrelated_prompts)
@@ -270,11 +310,12 @@ class Experiment(train.Experiment):
       self.base = restore_base(self.base_config, self.config.base_workdir, self.stage1,
                                self.mesh)
     base_params, base_conds = self.base  # Kept for DreamBooth's prior images.
-    conds, self.base_params = concept_conditions(self.config, base_conds, base_params)
-    if (not self.config.pipeline and self.workdir is not None
-        and (self.workdir / conditions_lib.FILENAME).is_file()):
-      conds = conditions_lib.Conditions.load(self.workdir)  # Resuming: its vocabulary.
-    self.conds = conds
+    # The vocabulary is the base's plus the token, whether starting or resuming.
+    self.conds, self.base_params = concept_conditions(self.config, base_conds, base_params)
+
+  def record(self):
+    if jax.process_index() == 0:
+      self.conds.save(self.workdir)
 
   @functools.cached_property
   def model(self):
@@ -298,10 +339,9 @@ class Experiment(train.Experiment):
     """A pipeline's own scheduler settings (steps_offset, DDIM's final alpha)."""
     if not self.config.pipeline:
       return {}
-    options = {'steps_offset': self.pipe.sampler_options['steps_offset']}
-    if self.config.sample.sampler == 'ddim':
-      options['final_alpha_cumprod'] = self.pipe.sampler_options['final_alpha_cumprod']
-    return options
+    from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    options = pipeline_lib.sampler_options(self.pipe, self.config.sample.sampler)
+    return {k: v for k, v in options.items() if k in ('steps_offset', 'final_alpha_cumprod')}
 
   def setup(self):
     config, workdir = self.config, self.workdir
@@ -352,7 +392,9 @@ class Experiment(train.Experiment):
 
   def hooks(self, writer):
     t = self.config.train
-    save = lambda step, state: self.write_artefact(state)
+    def save(step, state):
+      if step < t.num_steps:  # The last one is `finish`'s.
+        self.write_artefact(state)
     return super().hooks(writer) + [loop.Hook(t.checkpoint_every, save, 'writing the artefact')]
 
   def finish(self, state, ckpt, writer, start):
@@ -360,23 +402,32 @@ class Experiment(train.Experiment):
     return state
 
   def write_artefact(self, state) -> Path | None:
-    """The method's file (LoRA, embedding, hypernetwork) from the current weights."""
+    """The method's file (LoRA, embedding, hypernetwork) from the current weights: only its
+    small subtree is gathered (every process takes part), process 0 writes it."""
     method = self.config.method
-    if method not in ARTEFACTS or jax.process_index() != 0:
+    if method not in ARTEFACTS:
       return None
     params = (self.rules.with_ema(state.params, state.ema_params) if self.config.sample.use_ema
               else state.params)
-    params = jax.device_get(params)
+    if method == 'lora':
+      part = lora.split(params)[1]
+    elif method == 'textual_inversion':
+      part = embeddings.added_rows(params)
+    else:
+      part = params[hypernetwork.KEY]
+    part = jax.tree.map(mesh_lib.gather, part)
+    if jax.process_index() != 0:
+      return None
     path = self.workdir / ARTEFACTS[method]
     if method == 'lora':
-      lora.save(path, lora.split(params)[1])
+      lora.save(path, part)
     elif method == 'textual_inversion':
       token = self.config.concept.token
-      row = self.conds.tokenizer.ids[token] - (self.conds.tokenizer.vocab_size -
-                                               self.conds.added_tokens)
-      embeddings.save(path, [token], embeddings.added_rows(params)[row:row + 1])
+      tok = self.conds.tokenizer
+      row = tok.ids[token] - (tok.vocab_size - self.conds.added_tokens)
+      embeddings.save(path, [token], part[row:row + 1])
     else:
-      hypernetwork.save(path, params[hypernetwork.KEY], tuple(self.config.hypernetwork.multipliers))
+      hypernetwork.save(path, part, tuple(self.config.hypernetwork.multipliers))
     logging.info('Wrote %s (%.1f KiB).', path, path.stat().st_size / 1024)
     return path
 

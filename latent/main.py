@@ -36,8 +36,9 @@ def validate(config):
 
 def train_either(config, workdir):
   if config.stage == 'pipeline':
-    raise errors.ConfigError('A Stable Diffusion pipeline config samples (--mode=sample); '
-                             'fine-tuning one is not built yet.')
+    raise errors.ConfigError('A Stable Diffusion pipeline config samples (--mode=sample); to '
+                             'fine-tune one, use latent/configs/finetune_*.py with '
+                             '--config.pipeline=DIR.')
   if config.stage == 'vae':
     return vae_train.train_and_evaluate(config, workdir)
   if config.stage == 'finetune':

@@ -195,13 +195,19 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> jnp.ndarray:
   return pipe.text_encoder.apply({'params': pipe.text_params}, jnp.asarray(ids))
 
 
+def sampler_options(pipe: Pipeline, sampler: str) -> dict:
+  """The folder's scheduler settings as `samplers.sample` keywords for `sampler`."""
+  options = dict(pipe.sampler_options)
+  if sampler not in ('ddim', 'ddpm'):
+    options.pop('final_alpha_cumprod')  # Only DDIM's last step has it.
+  return options
+
+
 def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
                    karras: bool = False):
   """jit(fn(latents, context, negative_context, guidance_scale, rng) -> (images in [-1, 1],
   the final latents)): SD's text-to-image with classifier-free guidance."""
-  options = dict(pipe.sampler_options)
-  if sampler not in ('ddim', 'ddpm'):
-    options.pop('final_alpha_cumprod')  # Only DDIM's last step has it.
+  options = sampler_options(pipe, sampler)
 
   def sample_fn(latents, context, negative, guidance_scale, rng):
     apply = lambda x, t, c, m: pipe.unet.apply({'params': pipe.unet_params}, x, t, context=c)

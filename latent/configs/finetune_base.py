@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.ema_decay = 0.0                # EMA off: the artefacts and samples use the raw weights
   config.sample.use_ema = False    # (set both to use an EMA).
   t.grid_prompts = ()              # Set from the concept + finetune.unrelated_prompts.
-  config.sample.prompts = ('sks hair',)
+  config.sample.prompts = ()        # () = the instance prompt.
   return config
 
 
@@ -122,6 +122,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_positive(f.prior_loss_weight, 'finetune.prior_loss_weight', allow_zero=True)
   if f.train_text_encoder and config.method != 'dreambooth':
     raise ValueError('finetune.train_text_encoder applies to method=dreambooth.')
+  m = tuple(config.hypernetwork.multipliers)
+  if len(m) < 2 or m[0] != 1 or m[-1] != 1 or min(m) <= 0:
+    raise ValueError(f'hypernetwork.multipliers={m} must be positive and start and end with 1, '
+                     'e.g. (1, 2, 1).')
+  if config.pipeline and config.sample.embeddings:
+    raise ValueError('sample.embeddings (textual inversion) does not apply to a pipeline base '
+                     'yet.')
   config_lib.check_positive(config.lora.rank, 'lora.rank')
   config_lib.check_positive(config.lora.alpha, 'lora.alpha', allow_zero=True)
   if 'model' in config:
