@@ -12,7 +12,8 @@ by the parameter rules (common.params), so it gets no gradient and no optimiser 
   hypernetwork       hypernetwork/ (latent.hypernetwork)        hypernetwork.safetensors
 
 A token the base has never seen joins the vocabulary as an added row of the text
-encoder (latent.embeddings). DreamBooth's prior preservation generates
+encoder (latent.embeddings); every method then also writes that row as
+learned_embeds.safetensors, so the base sampled with its file reads the token too. DreamBooth's prior preservation generates
 finetune.num_class_images images of the class prompt with the base model once
 (WORKDIR/class_images, resumed if interrupted) and adds their loss, weighted by
 finetune.prior_loss_weight, to each step: every batch is batch_size concept images and
@@ -402,34 +403,36 @@ class Experiment(train.Experiment):
     return state
 
   def write_artefact(self, state) -> Path | None:
-    """The method's file (LoRA, embedding, hypernetwork) from the current weights: only its
-    small subtree is gathered (every process takes part), process 0 writes it."""
+    """The method's file (LoRA, embedding, hypernetwork) from the current weights, and the
+    concept token's row as learned_embeds.safetensors whenever the token is new (so the base
+    sampled with the file reads the token as the run does). Only the small subtrees are
+    gathered (every process takes part); process 0 writes."""
     method = self.config.method
-    if method not in ARTEFACTS:
-      return None
     params = (self.rules.with_ema(state.params, state.ema_params) if self.config.sample.use_ema
               else state.params)
+    parts = {}
     if method == 'lora':
-      part = lora.split(params)[1]
-    elif method == 'textual_inversion':
-      part = embeddings.added_rows(params)
-    else:
-      part = params[hypernetwork.KEY]
-    part = jax.tree.map(mesh_lib.gather, part)
+      parts[method] = lora.split(params)[1]
+    elif method == 'hypernetwork':
+      parts[method] = params[hypernetwork.KEY]
+    if self.conds.added_tokens:
+      parts['textual_inversion'] = embeddings.added_rows(params)
+    parts = jax.tree.map(mesh_lib.gather, parts)
     if jax.process_index() != 0:
       return None
-    path = self.workdir / ARTEFACTS[method]
-    if method == 'lora':
-      lora.save(path, part)
-    elif method == 'textual_inversion':
-      token = self.config.concept.token
-      tok = self.conds.tokenizer
-      row = tok.ids[token] - (tok.vocab_size - self.conds.added_tokens)
-      embeddings.save(path, [token], part[row:row + 1])
-    else:
-      hypernetwork.save(path, part, tuple(self.config.hypernetwork.multipliers))
-    logging.info('Wrote %s (%.1f KiB).', path, path.stat().st_size / 1024)
-    return path
+    for kind, part in parts.items():
+      path = self.workdir / ARTEFACTS[kind]
+      if kind == 'lora':
+        lora.save(path, part)
+      elif kind == 'hypernetwork':
+        hypernetwork.save(path, part, tuple(self.config.hypernetwork.multipliers))
+      else:
+        token = self.config.concept.token
+        tok = self.conds.tokenizer
+        row = tok.ids[token] - (tok.vocab_size - self.conds.added_tokens)
+        embeddings.save(path, [token], part[row:row + 1])
+      logging.info('Wrote %s (%.1f KiB).', path, path.stat().st_size / 1024)
+    return self.workdir / ARTEFACTS[method] if method in ARTEFACTS else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

@@ -140,6 +140,12 @@ def test_lora_trains_adapters_only_and_its_file_samples_the_base_like_the_run(
   adapted = sample_images(base_config, base, tmp_path / 'adapted')
   assert np.abs(ran.astype(int) - adapted).max() <= 2
   assert np.abs(plain.astype(int) - adapted).max() > 10
+  # The new token's row comes as learned_embeds.safetensors: with both files the base draws
+  # the concept prompt as the run does.
+  config.sample.prompts = base_config.sample.prompts = ('sks digit',)
+  base_config.sample.embeddings = (str(tmp_path / 'ft' / embeddings.FILENAME),)
+  ran = sample_images(config, tmp_path / 'ft', tmp_path / 'run_sks')
+  assert np.abs(ran.astype(int) - sample_images(base_config, base, tmp_path / 'sks')).max() <= 2
 
 
 @pytest.mark.slow
