@@ -12,7 +12,8 @@ and a set of ordinary colour prompts, and scores both with metrics.attributes
   python benchmarks/concept.py --base=runs/concept/base --out=runs/concept/ft
 
 writes OUT/<method>/ (the fine-tuning runs and samples), OUT/results.json, a markdown
-table on stdout and, with --figure, the concept prompt before/after per method.
+table on stdout and, with --figure / --drift_figure, the concept prompt / an ordinary
+colour prompt before and after, one row per method.
 A CPU-scale run: tiny models, 32x32 faces, minutes per method.
 """
 
@@ -120,14 +121,16 @@ def main():
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--n_concept', type=int, default=48)
   parser.add_argument('--n_colour', type=int, default=16)
-  parser.add_argument('--figure', default='')
+  parser.add_argument('--figure', default='', help='PNG: the concept prompt per method')
+  parser.add_argument('--drift_figure', default='', help='PNG: an ordinary prompt per method')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   logs.quiet_library_logs()
   out = Path(args.out)
   base_config = finetune.read_base_config(args.base)
   path = out / 'results.json'
-  settings = {k: v for k, v in vars(args).items() if k not in ('methods', 'figure')}
+  settings = {k: v for k, v in vars(args).items()
+              if k not in ('methods', 'figure', 'drift_figure')}
   results = json.loads(path.read_text()) if path.is_file() else {}
   if results.get('settings') != settings:  # Other settings: start again.
     results = {'settings': settings}
@@ -143,7 +146,7 @@ def main():
                        'colours': col_acc.accuracy, 'colour_faces': col_acc.detection_rate}
     path.write_text(json.dumps(results, indent=1))
 
-  for name in args.methods.split(','):
+  for name in filter(None, args.methods.split(',')):
     if name in results:
       continue
     module, overrides = METHODS[name]
@@ -180,12 +183,12 @@ def main():
 
   b, real = results['base'], results['real']
   print(f'| method | concept accuracy ("{CONCEPT_PROMPT}" -> {COLOUR}) | colour accuracy '
-        '(drift) | trainable parameters | artefact | steps/s | wall |')
+        '(drift; faces found) | trainable parameters | artefact | steps/s | wall |')
   print('|---|---|---|---|---|---|---|')
   print(f'| real {COLOUR}-haired faces at 32x32 (the measure\'s ceiling) | {real["concept"]:.2f} '
         f'(faces {real["concept_faces"]:.0%}) | - | - | - | - | - |')
   print(f'| base (never saw {COLOUR} hair) | {b["concept"]:.2f} (faces {b["concept_faces"]:.0%}) '
-        f'| {b["colours"]:.2f} | - | - | - | - |')
+        f'| {b["colours"]:.2f} (faces {b["colour_faces"]:.0%}) | - | - | - | - |')
   for name in METHODS:
     if name not in results:
       continue
@@ -193,19 +196,26 @@ def main():
     size = r['artefact_bytes']
     size = f'{size / 2**20:.1f} MiB' if size > 2**20 else f'{size / 1024:.1f} KiB'
     print(f'| {name} | {r["concept"]:.2f} (faces {r["concept_faces"]:.0%}) | '
-          f'{r["colours"]:.2f} ({r["colours"] - b["colours"]:+.2f}) | {r["trainable"]:,} | {size} '
+          f'{r["colours"]:.2f} ({r["colours"] - b["colours"]:+.2f}; faces {r["colour_faces"]:.0%}) '
+          f'| {r["trainable"]:,} | {size} '
           f'| {r["steps_per_sec"] or 0:.1f} | {r["wall_s"]:.0f} s |')
 
   if args.figure:
-    rows, names = [], []
-    for name in ['base', *METHODS]:
-      folder_ = out / ('base' if name == 'base' else f'{name}/eval') / 'concept'
-      if folder_.is_dir():
-        rows.append(np.stack([imageio.read_image(folder_ / f'{i + 1}.jpg') for i in range(8)]))
-        names.append(f'{CONCEPT_PROMPT}: {name}')
-    imageio.save_image(imageio.captioned_grid(np.concatenate(rows), names, 8), args.figure)
-    print(f'Figure: {args.figure}')
+    figure(out, 'concept', CONCEPT_PROMPT, args.figure)
+  if args.drift_figure:  # The first colour prompt's first 8 images: what should not change.
+    figure(out, 'colours', f'{COLOUR_PROMPTS[0]} hair', args.drift_figure)
 
+
+def figure(out: Path, subdir: str, prompt: str, path: str, per_row: int = 8) -> None:
+  """One captioned row of `prompt`'s first samples per model (base first)."""
+  rows, names = [], []
+  for name in ['base', *METHODS]:
+    folder = out / ('base' if name == 'base' else f'{name}/eval') / subdir
+    if folder.is_dir():
+      rows.append(np.stack([imageio.read_image(folder / f'{i + 1}.jpg') for i in range(per_row)]))
+      names.append(f'{prompt}: {name}')
+  imageio.save_image(imageio.captioned_grid(np.concatenate(rows), names, per_row), path)
+  print(f'Figure: {path}')
 
 if __name__ == '__main__':
   main()

@@ -14,5 +14,5 @@ from latent.configs import finetune_base
 def get_config():
   config = finetune_base.get_config()
   config.method = 'hypernetwork'
-  config.optim.learning_rate = 5e-4
+  config.optim.learning_rate = 1e-4
   return config

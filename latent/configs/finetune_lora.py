@@ -17,5 +17,5 @@ def get_config():
   config = finetune_base.get_config()
   config.method = 'lora'
   config.lora.rank = 4
-  config.optim.learning_rate = 1e-3
+  config.optim.learning_rate = 3e-4
   return config
