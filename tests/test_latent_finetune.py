@@ -21,8 +21,8 @@ from common.logs import read_scalars
 from latent import embeddings, finetune, hypernetwork, sample, train
 from latent.configs import (finetune_dreambooth, finetune_hypernetwork, finetune_lora,
                             finetune_textual_inversion)
-from tests.test_latent_ldm import tiny_ldm_config, tiny_vae_config
-from tests.test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
+from test_latent_ldm import tiny_ldm_config, tiny_vae_config
+from test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
 
 METHOD_CONFIGS = {'lora': finetune_lora, 'dreambooth': finetune_dreambooth,
                   'textual_inversion': finetune_textual_inversion,
@@ -277,7 +277,7 @@ def test_artefacts_for_another_model_are_named(base, tmp_path):
 
 
 def test_command_line_names_a_base_that_is_not_a_text_ldm(tmp_path):
-  from tests.test_cli import _one_line_error, _run  # pylint: disable=g-import-not-at-top
+  from test_cli import _one_line_error, _run  # pylint: disable=g-import-not-at-top
   base = tmp_path / 'vae_run'
   base.mkdir()
   (base / 'config.json').write_text(json.dumps({'stage': 'vae'}))

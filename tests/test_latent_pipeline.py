@@ -10,11 +10,10 @@ from latent import pipeline
 from test_latent_clip import tiny_text_encoder, tiny_tokenizer
 
 
-@pytest.fixture(scope='module')
-def sd_folder(tmp_path_factory):
+def build_tiny_pipeline(root):
+  """A tiny random StableDiffusionPipeline (SD 1.x settings) saved under root/sd: (folder, pipe)."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('sd')
   text_encoder = tiny_text_encoder(root / 'parts' / 'text_encoder', 'quick_gelu')
   tiny_tokenizer(root / 'parts' / 'tokenizer')
   tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / 'parts' / 'tokenizer'),
@@ -42,6 +41,11 @@ def sd_folder(tmp_path_factory):
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe.save_pretrained(root / 'sd')
   return root / 'sd', pipe
+
+
+@pytest.fixture(scope='module')
+def sd_folder(tmp_path_factory):
+  return build_tiny_pipeline(tmp_path_factory.mktemp('sd'))
 
 
 def test_text_to_image_matches_diffusers(sd_folder):

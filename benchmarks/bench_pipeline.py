@@ -1,0 +1,125 @@
+"""Stable Diffusion pipelines against diffusers (PyTorch), side by side in one run.
+
+  python benchmarks/bench_pipeline.py [--batch 2] [--repeats 2] [--write]
+
+(a) text-to-image of a tiny random StableDiffusionPipeline folder (the one the tests
+    build: 16x16 images, 8x8x4 latents), DDIM 25 steps at guidance 7.5 with a negative
+    prompt: our `latent.pipeline` on the folder against diffusers' own pipeline;
+(b) one forward pass of an SD-1.5-shaped U-Net (random weights, 860M parameters; batch
+    of 64x64x4 latents with a 77x768 context), ours against UNet2DConditionModel, float32.
+Prints ratios (> 1: we are faster); --write replaces the `## pipelines` section of
+benchmarks/RESULTS.md.
+"""
+
+import argparse
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+from bench_ddpm import timed, write_section  # pylint: disable=wrong-import-position  (patches torchvision)
+
+import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusers import UNet2DConditionModel  # pylint: disable=wrong-import-position
+
+from latent import pipeline  # pylint: disable=wrong-import-position
+from test_latent_pipeline import build_tiny_pipeline  # pylint: disable=wrong-import-position
+
+# Stable Diffusion 1.5's unet/config.json (the architecture keys).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    use_linear_projection=False)
+
+
+def bench_tiny_pipeline(batch, repeats):
+  with tempfile.TemporaryDirectory() as tmp:
+    folder, theirs = build_tiny_pipeline(Path(tmp))
+    ours = pipeline.load(folder)
+  prompts = ['red hair'] * batch
+  latents = np.random.default_rng(0).standard_normal((batch, 8, 8, 4)).astype(np.float32)
+
+  def run_ours():
+    pipeline.generate(ours, prompts, negative_prompt='blue', guidance_scale=7.5, latents=latents,
+                      sampler='ddim', num_steps=25)
+
+  torch_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2))
+
+  def run_theirs():
+    with torch.no_grad():
+      theirs(prompts, negative_prompt=['blue'] * batch, num_inference_steps=25,
+             guidance_scale=7.5, latents=torch_latents, output_type='np')
+
+  theirs.set_progress_bar_config(disable=True)
+  return timed(run_ours, repeats), timed(run_theirs, repeats)
+
+
+def bench_sd15_unet(batch, repeats):
+  unet = pipeline.unet_from_config(dict(SD15_UNET))
+  z = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 64, 64, 4)), jnp.float32)
+  t = jnp.full((batch,), 500, jnp.int32)
+  context = jnp.asarray(np.random.default_rng(1).standard_normal((batch, 77, 768)), jnp.float32)
+  params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), z, t, context=context))()['params']
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  forward = jax.jit(lambda p, z, t, c: unet.apply({'params': p}, z, t, context=c))
+  run_ours = lambda: forward(params, z, t, context).block_until_ready()
+  ours = timed(run_ours, repeats)
+
+  torch.manual_seed(0)
+  theirs_unet = UNet2DConditionModel(**SD15_UNET).eval()
+  zt = torch.from_numpy(np.asarray(z).transpose(0, 3, 1, 2).copy())
+  tt = torch.full((batch,), 500)
+  ct = torch.from_numpy(np.asarray(context))
+
+  def run_theirs():
+    with torch.no_grad():
+      theirs_unet(zt, tt, encoder_hidden_states=ct)
+
+  return ours, timed(run_theirs, repeats), n_params
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--write', action='store_true')
+  args = parser.parse_args()
+  b, r = args.batch, args.repeats
+  ours_tiny, theirs_tiny = bench_tiny_pipeline(b, r)
+  print(f'tiny pipeline: ours {ours_tiny:.3f} s, diffusers {theirs_tiny:.3f} s', flush=True)
+  ours_unet, theirs_unet, n_params = bench_sd15_unet(b, r)
+  device = jax.devices()[0]
+  report = '\n'.join([
+      '## pipelines',
+      '',
+      f'Machine: {platform.machine()}, {len(jax.devices())} JAX device(s) {device.platform}:'
+      f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+      f'jax {jax.__version__}. Command: `python benchmarks/bench_pipeline.py --batch {b} '
+      f'--repeats {r} --write`. Random weights, float32. Ratio = diffusers time / our time '
+      '(> 1: ours is faster).',
+      '',
+      '| what | ours | diffusers | ratio |',
+      '|---|---|---|---|',
+      f'| (a) tiny SD pipeline folder, text-to-image, batch {b}, DDIM 25 at guidance 7.5 | '
+      f'{ours_tiny:.3f} s | {theirs_tiny:.3f} s | {theirs_tiny / ours_tiny:.2f}x |',
+      f'| (b) SD-1.5-shaped U-Net forward ({n_params / 1e6:.0f}M), batch {b} at 64x64x4 | '
+      f'{ours_unet:.2f} s | {theirs_unet:.2f} s | {theirs_unet / ours_unet:.2f}x |',
+      '',
+  ])
+  print(report)
+  if args.write:
+    write_section(Path(__file__).with_name('RESULTS.md'), 'pipelines', report)
+
+
+if __name__ == '__main__':
+  main()
