@@ -240,6 +240,7 @@ def test_paired_batches_weigh_the_prior_half():
   assert batch['weight'].tolist() == [1.0, 1.0, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error_before_anything_is_written(base, concept_dir, tmp_path):
   def fails(match, error=(errors.UserError, ValueError), method='lora', **overrides):
     workdir = tmp_path / 'ft'
@@ -260,6 +261,7 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(base, concept_dir
   fails('prior_preservation is DreamBooth', **{'finetune.prior_preservation': True})
 
 
+@pytest.mark.slow
 def test_artefacts_for_another_model_are_named(base, tmp_path):
   params0, conds0 = base_params(base)
   embeddings.save(tmp_path / 'e.safetensors', ['xyz'], np.zeros((1, 64)))
