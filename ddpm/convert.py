@@ -96,18 +96,37 @@ def diffusers_config(unet: models.UNet) -> dict:
       norm_num_groups=unet.norm_groups, norm_eps=unet.norm_eps, dropout=unet.dropout)
 
 
+def read_safetensors(folder: str | Path, stem: str, hint: str) -> dict[str, np.ndarray]:
+  """folder/<stem>.safetensors as numpy arrays (no torch); `hint` ends the not-found error.
+
+  A folder with only the half-precision variant (save_pretrained(variant='fp16') writes
+  <stem>.fp16.safetensors, as many hub repositories ship) is read too, upcast to float32.
+  """
+  folder = Path(folder)
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  for path in (folder / f'{stem}.safetensors', folder / f'{stem}.fp16.safetensors'):
+    if path.is_file():
+      return {k: v.astype(np.float32) if v.dtype == np.float16 else v
+              for k, v in load_file(str(path)).items()}
+  wanted = folder / f'{stem}.safetensors'
+  pickles = sorted(p.name for p in folder.glob('*.bin'))
+  if pickles:
+    raise errors.MissingFileError(
+        f'{wanted} not found, only PyTorch pickle weights ({pickles[0]}), which this loader does '
+        'not unpickle: re-save them as safetensors with diffusers, e.g. '
+        'DiffusionPipeline.from_pretrained(DIR).save_pretrained(NEW_DIR).')
+  raise errors.MissingFileError(f'{wanted} not found: {hint}')
+
+
 def load_diffusers_unet(folder: str | Path, reference_params) -> dict:
   """Reads a diffusers UNet2DModel folder saved with save_pretrained()."""
-  folder = Path(folder)
-  weights = folder / 'diffusion_pytorch_model.safetensors'
-  if not weights.exists():
-    raise errors.MissingFileError(
-        f'{weights} not found: expected a diffusers UNet2DModel folder written by '
-        'save_pretrained() (config.json + diffusion_pytorch_model.safetensors). Download it '
-        'on a machine with network access (e.g. huggingface-cli download google/ddpm-cifar10-32 '
-        '--include "unet/*") and pass the unet folder.')
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return params_from_torch_state_dict(load_file(str(weights)), reference_params)
+  state = read_safetensors(
+      folder, 'diffusion_pytorch_model',
+      'expected a diffusers UNet2DModel folder written by save_pretrained() (config.json + '
+      'diffusion_pytorch_model.safetensors). Download it on a machine with network access '
+      '(e.g. huggingface-cli download google/ddpm-cifar10-32 --include "unet/*") and pass the '
+      'unet folder.')
+  return params_from_torch_state_dict(state, reference_params)
 
 
 def unet_from_diffusers_config(folder: str | Path, **overrides) -> models.UNet:

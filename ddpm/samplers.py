@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral (all T steps), DDIM (S steps, eta), DPM-Solver++(2M), and
+"""Samplers: DDPM ancestral (all T steps), DDIM (S steps, eta), DPM-Solver++(2M), UniPC, and
 diffusers' Euler, Euler ancestral, Heun and DPM++(2M) Karras (stepping in sigma).
 
 Each sampler is a pure step function plus a loop written with `lax.scan`, so
@@ -45,6 +45,22 @@ def timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading'
     ts = np.linspace(0, T - 1, S).round()[::-1]
   else:
     raise ValueError(f'Unknown timestep spacing {spacing!r}; valid: {", ".join(SPACINGS)}.')
+  return ts.astype(np.int32)
+
+
+def multistep_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading',
+                        steps_offset: int = 0) -> np.ndarray:
+  """Descending timesteps as diffusers' multistep solvers (DPMSolverMultistep, UniPC) set them:
+  'leading' and 'linspace' split the range into S + 1 and drop the last point."""
+  if not 1 <= num_steps <= num_train_timesteps:
+    raise ValueError(f'num_steps must be in [1, {num_train_timesteps}], got {num_steps}.')
+  T, S = num_train_timesteps, num_steps
+  if spacing == 'leading':
+    ts = (np.arange(S + 1) * (T // (S + 1))).round()[::-1][:-1] + steps_offset
+  elif spacing == 'linspace':
+    ts = np.linspace(0, T - 1, S + 1).round()[::-1][:-1]
+  else:
+    return timesteps(T, S, spacing, steps_offset)
   return ts.astype(np.int32)
 
 
@@ -119,6 +135,57 @@ def dpm_solver_2m_step(s: Schedule, x0: jnp.ndarray, x0_prev: jnp.ndarray, xt: j
   d = jnp.where(first_order, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
   x_next = (sig_n / sig_t) * xt - jnp.sqrt(a_n) * jnp.expm1(-jnp.where(last, 0.0, h)) * d
   return jnp.where(last, x0, x_next)
+
+
+# --- UniPC (bh2) ------------------------------------------------------------------
+
+def _unipc_rhos(h, rk):
+  """UniPC's B(h) = e^{-h} - 1 ('bh2') and the corrector's weights (rho_1, rho_2) for
+  order 2 (Zhao et al. 2023, alg. 2; diffusers' multistep_uni_c_bh_update): the solution
+  of [[1, 1], [rk, 1]] rho = b with b_k = k! phi_{k+1}(-h) / B(h)."""
+  hh = -h
+  b_h = jnp.expm1(hh)
+  phi_2 = jnp.expm1(hh) / hh - 1       # h phi_2 in diffusers' recursion.
+  b1 = phi_2 / b_h
+  b2 = (phi_2 / hh - 0.5) * 2 / b_h
+  rho1 = (b1 - b2) / (1 - rk)
+  return b_h, rho1, b1 - rho1
+
+
+def unipc_step(s: Schedule, x0: jnp.ndarray, x0_prev: jnp.ndarray, x0_prev2: jnp.ndarray,
+               x: jnp.ndarray, last_x: jnp.ndarray, index, num_steps: int, t, t_prev, t_prev2,
+               t_next):
+  """One UniPC-2 step (bh2, data prediction), as diffusers' UniPCMultistepScheduler.
+
+  First the corrector UniC refines the current x from the previous step's start `last_x`
+  using the model output x0 at x (no extra evaluation); then the predictor UniP steps the
+  corrected x to t_next. Orders: 1 at the first step and (lower_order_final) the last.
+  Returns (x at t_next, the corrected x: the next step's `last_x`).
+  """
+  lam = lambda t: _lambda(s, t)
+  alpha_sig = lambda t: (jnp.sqrt(s.alphas_cumprod[t]), jnp.sqrt(1 - s.alphas_cumprod[t]))
+  # Corrector, from t_prev to t (order 1 after the first step, else 2).
+  a_t, sig_t = alpha_sig(t)
+  _, sig_p = alpha_sig(t_prev)
+  h = lam(t) - lam(t_prev)
+  rk = (lam(t_prev2) - lam(t_prev)) / h
+  b_h, rho1, rho2 = _unipc_rhos(h, rk)
+  order1 = index == 1
+  rho1, rho2 = jnp.where(order1, 0.0, rho1), jnp.where(order1, 0.5, rho2)
+  d1 = jnp.where(order1, 0.0, 1.0) * (x0_prev2 - x0_prev) / jnp.where(order1, 1.0, rk)
+  corrected = (sig_t / sig_p) * last_x - a_t * jnp.expm1(-h) * x0_prev - a_t * b_h * (
+      rho1 * d1 + rho2 * (x0 - x0_prev))
+  x = jnp.where(index > 0, corrected, x)
+  # Predictor, from t to t_next (order 1 at the first and last steps; t_next < 0: x0).
+  last = t_next < 0
+  a_n, sig_n = alpha_sig(jnp.maximum(t_next, 0))
+  h = jnp.where(last, 1.0, lam(jnp.maximum(t_next, 0)) - lam(t))
+  rk = (lam(t_prev) - lam(t)) / h
+  second = (index > 0) & (index < num_steps - 1)
+  d1 = (x0_prev - x0) / rk
+  x_next = (sig_n / sig_t) * x - a_n * jnp.expm1(-h) * x0 - a_n * jnp.expm1(-h) * jnp.where(
+      second, 0.5 * d1, 0.0)
+  return jnp.where(last, x0, x_next), x
 
 
 # --- Samplers on sigmas: diffusers' Euler, Euler ancestral, Heun, DPM++(2M) Karras ---------
@@ -201,18 +268,35 @@ def _denoised(model_fn: ModelFn, prediction: str, x, sigma, t, clip_x0: bool):
   return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
+def _vp(sigma):
+  """(alpha, sigma) of x_t = alpha x0 + sigma eps at Karras noise level `sigma`."""
+  alpha = (sigma**2 + 1)**-0.5
+  return alpha, sigma * alpha
+
+
 def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_steps: int,
                    spacing: str, prediction: str, karras: bool, num_snapshots: int,
-                   steps_offset: int = 0, clip_x0: bool = False):
+                   steps_offset: int = 0, clip_x0: bool = False, first: int = 0,
+                   init_x0=None, inject=None):
   sigmas, ts, init = sigma_schedule(s, num_steps, spacing, karras, steps_offset, sampler)
+  # Image-to-image starts `first` steps in, as diffusers' img2img (set_begin_index).
+  sigmas, ts = sigmas[first:], ts[first:]
   S = len(ts)
   ts_next = np.append(ts[1:], 0.0).astype(np.float32)
+  in_vp = sampler == 'dpmpp_2m_karras'  # It steps on x_t itself; the others on x_t / alpha.
+
+  def injected(x, sigma_next, key):
+    """`inject` sees x_t and the VP coefficients of the level the step landed on."""
+    if inject is None:
+      return x
+    alpha, sigma_vp = _vp(sigma_next)
+    return inject(x * (1.0 if in_vp else alpha), alpha, sigma_vp, key) / (1.0 if in_vp else alpha)
 
   def body(carry, inputs):
     x, x0_prev, key = carry
     i, sigma, sigma_next, t, t_next, sigma_prev = inputs
-    key, noise_key = jax.random.split(key)
-    if sampler == 'dpmpp_2m_karras':
+    key, noise_key, inject_key = jax.random.split(key, 3)
+    if in_vp:
       # On x_t = alpha x0 + sigma_vp eps with alpha = 1/sqrt(sigma^2+1), lambda = -log sigma.
       x0 = _denoised(model_fn, prediction, x / (sigma**2 + 1)**-0.5, sigma, t, clip_x0)
       alpha_n = (sigma_next**2 + 1)**-0.5
@@ -222,7 +306,8 @@ def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_s
       first_order = (i == 0) | last
       d = jnp.where(first_order, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
       ratio = (sigma_next * alpha_n) / (sigma * (sigma**2 + 1)**-0.5)
-      x = jnp.where(last, x0, ratio * x - alpha_n * jnp.expm1(-h) * d)
+      x = injected(jnp.where(last, x0, ratio * x - alpha_n * jnp.expm1(-h) * d), sigma_next,
+                   inject_key)
       return (x, x0, key), (x if num_snapshots else None)
     x0 = _denoised(model_fn, prediction, x, sigma, t, clip_x0)
     d = (x - x0) / sigma
@@ -233,23 +318,32 @@ def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_s
       sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
       x = x + d * (sigma_down - sigma) + jax.random.normal(noise_key, x.shape, x.dtype) * sigma_up
     else:  # heun: the Euler step, then the trapezoid rule (Euler into sigma = 0).
-      x_euler = x + d * (sigma_next - sigma)
+      # diffusers' inpainting re-imposes the known region after the Euler half step too, so
+      # the second derivative is taken there.
+      x_euler = injected(x + d * (sigma_next - sigma), sigma_next, inject_key)
       safe = jnp.where(sigma_next > 0, sigma_next, 1.0)
       d2 = (x_euler - _denoised(model_fn, prediction, x_euler, safe, t_next, clip_x0)) / safe
       x = jnp.where(sigma_next > 0, x + 0.5 * (d + d2) * (sigma_next - sigma), x_euler)
+    x = injected(x, sigma_next, inject_key)
     # Snapshots as x_t (what the other samplers show): x / sqrt(sigma^2 + 1).
     return (x, x0, key), (x * (sigma_next**2 + 1)**-0.5 if num_snapshots else None)
 
   f = lambda a: jnp.asarray(a, jnp.float32)
   sigma_prev = np.insert(sigmas[:S - 1], 0, sigmas[0])
   xs = (jnp.arange(S), f(sigmas[:S]), f(sigmas[1:]), f(ts), f(ts_next), f(sigma_prev))
-  x_start = x_T * init
+  if init_x0 is None:
+    x_start = x_T * init
+  else:  # diffusers' add_noise at the first sigma: x0 + sigma noise (alpha x0 + ... on x_t).
+    alpha, sigma_vp = _vp(sigmas[0])
+    x_start = alpha * init_x0 + sigma_vp * x_T if in_vp else init_x0 + sigmas[0] * x_T
   (x0, _, _), trajectory = jax.lax.scan(body, (x_start, jnp.zeros_like(x_T), rng), xs)
   if not num_snapshots:
     return x0
   idx = np.unique(np.linspace(0, S - 1, num_snapshots - 1).round().astype(int))
-  snapshots = jnp.concatenate([x_T[None], trajectory[idx]], axis=0)
-  snapshot_t = np.concatenate([[s.num_timesteps], np.maximum(ts_next[idx], 0)]).round()
+  start = x_T if init_x0 is None else x_start * (1.0 if in_vp else _vp(sigmas[0])[0])
+  snapshots = jnp.concatenate([start[None], trajectory[idx]], axis=0)
+  start_t = s.num_timesteps if init_x0 is None else ts[0]
+  snapshot_t = np.concatenate([[start_t], np.maximum(ts_next[idx], 0)]).round()
   return x0, snapshots, snapshot_t.astype(np.int32)
 
 
@@ -273,6 +367,7 @@ class StepInputs:
   eps: jnp.ndarray      # ... and of the noise.
   x0_prev: jnp.ndarray  # The previous step's x0 (zeros at the first step).
   noise: jnp.ndarray    # Fresh N(0, I) for stochastic samplers.
+  state: Any = None     # What the sampler's update returned last step (Sampler.state).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +377,9 @@ class Sampler:
   next_timesteps: Callable[[np.ndarray, int], np.ndarray] | None = None  # (ts, T) -> next ts.
   update: Callable[..., jnp.ndarray] | None = None  # (schedule, StepInputs, **options) -> x.
   in_sigma: bool = False  # Steps in sigma instead: `_sample_sigmas` (its tables by name).
+  # A sampler that keeps more history: state(x_T) is its initial state, and update returns
+  # (x, state) instead of x.
+  state: Callable[[jnp.ndarray], Any] | None = None
 
 
 def _following(ts: np.ndarray, T: int) -> np.ndarray:  # pylint: disable=unused-argument
@@ -303,13 +401,22 @@ def _dpm_solver_update(s: Schedule, z: StepInputs, **unused):
   return dpm_solver_2m_step(s, z.x0, z.x0_prev, z.x, z.t, z.t_prev_model, z.t_next, first_order)
 
 
+def _unipc_update(s: Schedule, z: StepInputs, **unused):
+  x0_prev2, last_x, t_prev2 = z.state
+  x, corrected = unipc_step(s, z.x0, z.x0_prev, x0_prev2, z.x, last_x, z.index, z.num_steps,
+                            z.t, z.t_prev_model, t_prev2, z.t_next)
+  return x, (z.x0_prev, corrected, z.t_prev_model)
+
+
 SAMPLERS: dict[str, Sampler] = {
     # Ancestral DDPM always runs all T steps.
     'ddpm': Sampler(lambda T, S, spacing, offset: np.arange(T - 1, -1, -1, dtype=np.int32),
                     _following, _ddpm_update),
     # diffusers' DDIM rule for the step after t: t - T//S (also with trailing spacing).
     'ddim': Sampler(timesteps, lambda ts, T: ts - T // len(ts), _ddim_update),
-    'dpm_solver': Sampler(timesteps, _following, _dpm_solver_update),
+    'dpm_solver': Sampler(multistep_timesteps, _following, _dpm_solver_update),
+    'unipc': Sampler(multistep_timesteps, _following, _unipc_update,
+                     state=lambda x: (jnp.zeros_like(x), jnp.zeros_like(x), jnp.int32(0))),
     **{name: Sampler(in_sigma=True) for name in SIGMA_SAMPLERS},
 }
 
@@ -325,6 +432,18 @@ def options_from_config(config, **overrides) -> dict:
                 ddpm_variance=s.ddpm_variance, karras=s.karras_sigmas)
   kwargs.update(overrides)
   return kwargs
+
+
+def reimposing(init_x0: jnp.ndarray, keep: jnp.ndarray, noise: jnp.ndarray | None = None):
+  """Inpainting's `inject`: where `keep` is 1, x_t is init_x0 noised to the step's level.
+
+  `noise` None draws fresh noise at every step; diffusers' inpainting pipeline re-uses its
+  initial noise instead (pass it, for the same images).
+  """
+  def inject(x, alpha, sigma, key):
+    eps = jax.random.normal(key, x.shape, x.dtype) if noise is None else noise
+    return keep * (alpha * init_x0 + sigma * eps) + (1.0 - keep) * x
+  return inject
 
 
 # --- Loops --------------------------------------------------------------------
@@ -351,8 +470,9 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
       returns init_x0 itself, 1 ignores it.
     num_snapshots: if > 0, also returns x_t at that many evenly spaced steps
       (the progressive-generation figure), shape [K, B, ...].
-    inject: optional fn(x_t, t_next, rng) -> x_t applied after each step; latent
-      inpainting uses it to re-impose the known region.
+    inject: optional fn(x_t, alpha, sigma, rng) -> x_t applied after each step, where
+      x_t = alpha x_0 + sigma eps is the noise level the step landed on (1, 0 after the
+      last); inpainting uses it to re-impose the known region noised to that level.
 
   Returns:
     x_0, or (x_0, snapshots, snapshot_timesteps) with num_snapshots.
@@ -361,40 +481,45 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; valid: {", ".join(SAMPLERS)}.')
   entry = SAMPLERS[sampler]
+  first = 0
+  if init_x0 is not None:
+    if not 0.0 <= strength <= 1.0:
+      raise ValueError(f'strength must be in [0, 1], got {strength}.')
+    # diffusers' img2img: the last int(S * strength) of the S steps run (ddpm: of all T).
+    S = T if sampler == 'ddpm' else num_steps
+    first = S - min(int(S * strength), S)
+    if first == S:
+      return (init_x0, init_x0[None], np.array([0])) if num_snapshots else init_x0
   if entry.in_sigma:
-    if init_x0 is not None or inject is not None:
-      raise ValueError(f'sample.sampler={sampler!r} does not do image-to-image or inpainting '
-                       'yet: use ddim or dpm_solver for those.')
     return _sample_sigmas(s, model_fn, x_T, rng, sampler, num_steps, spacing, prediction, karras,
-                          num_snapshots, steps_offset, clip_x0)
+                          num_snapshots, steps_offset, clip_x0, first, init_x0, inject)
   ts = entry.timesteps(T, num_steps, spacing, steps_offset)
   ts_next = entry.next_timesteps(ts, T)
   options = dict(eta=eta, ddpm_variance=ddpm_variance, final_alpha_cumprod=final_alpha_cumprod)
   ts_prev_model = np.insert(ts[:-1], 0, ts[0]).astype(np.int32)  # For the 2M history.
   if init_x0 is not None:
-    if not 0.0 <= strength <= 1.0:
-      raise ValueError(f'strength must be in [0, 1], got {strength}.')
-    first = len(ts) - min(int(len(ts) * strength), len(ts))  # diffusers img2img rounds down.
-    if first == len(ts):
-      return (init_x0, init_x0[None], np.array([0])) if num_snapshots else init_x0
     ts, ts_next, ts_prev_model = ts[first:], ts_next[first:], ts_prev_model[first:]
     ts_prev_model[0] = ts[0]  # The 2M history starts afresh.
     x_T = diffusion.q_sample(s, init_x0, jnp.full((x_T.shape[0],), ts[0], jnp.int32), x_T)
 
   def body(carry, inputs):
-    x, x0_prev, key = carry
+    x, x0_prev, state, key = carry
     i, t, t_next, t_prev_model = inputs
     key, noise_key, inject_key = jax.random.split(key, 3)
     x0, eps = _predict(s, model_fn, prediction, x, t, clip_x0)
     noise = jax.random.normal(noise_key, x.shape, x.dtype)
     x = entry.update(s, StepInputs(i, len(ts), t, t_next, t_prev_model, x, x0, eps, x0_prev,
-                                   noise), **options)
+                                   noise, state), **options)
+    if entry.state is not None:
+      x, state = x
     if inject is not None:
-      x = inject(x, t_next, inject_key)
-    return (x, x0, key), (x if num_snapshots else None)
+      a_next = jnp.where(t_next >= 0, s.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
+      x = inject(x, jnp.sqrt(a_next), jnp.sqrt(1.0 - a_next), inject_key)
+    return (x, x0, state, key), (x if num_snapshots else None)
 
   xs = (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(ts_next), jnp.asarray(ts_prev_model))
-  (x0, _, _), trajectory = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T), rng), xs)
+  state = None if entry.state is None else entry.state(x_T)
+  (x0, _, _, _), trajectory = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T), state, rng), xs)
   if not num_snapshots:
     return x0
   # Snapshot k shows x after step idx[k]; the first shows the starting noise.

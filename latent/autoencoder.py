@@ -220,13 +220,12 @@ def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
   safetensors' numpy API.
   """
   folder = Path(folder)
-  weights = folder / 'diffusion_pytorch_model.safetensors'
-  if not (folder / 'config.json').exists() or not weights.exists():
-    raise errors.MissingFileError(
-        f'{folder} is not a diffusers AutoencoderKL folder: expected config.json and '
-        'diffusion_pytorch_model.safetensors, as written by save_pretrained(). Download one on '
-        'a machine with network access, e.g. huggingface-cli download stabilityai/sd-vae-ft-mse, '
-        'and pass that folder.')
+  hint = ('expected a diffusers AutoencoderKL folder (config.json and '
+          'diffusion_pytorch_model.safetensors, as written by save_pretrained()). Download one on '
+          'a machine with network access, e.g. huggingface-cli download stabilityai/sd-vae-ft-mse, '
+          'and pass that folder.')
+  if not (folder / 'config.json').exists():
+    raise errors.MissingFileError(f'{folder / "config.json"} not found: {hint}')
   cfg = json.loads((folder / 'config.json').read_text())
   unsupported = {k: cfg[k] for k in ('use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention')
                  if cfg.get(k) is False}
@@ -240,7 +239,6 @@ def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
                         in_channels=cfg.get('in_channels', 3), dtype=dtype)
   size = 2 * model.downsampling_factor  # Parameter shapes do not depend on the image size.
   reference = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), size))
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  state_dict = _rename_deprecated(load_file(str(weights)))
+  state_dict = _rename_deprecated(convert.read_safetensors(folder, 'diffusion_pytorch_model', hint))
   params = convert.params_from_torch_state_dict(state_dict, reference)
   return model, params, float(cfg.get('scaling_factor', 0.18215))

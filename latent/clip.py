@@ -13,6 +13,7 @@ max_length, as the pipelines do).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -81,12 +82,20 @@ class CLIPTextModel(nn.Module):
   activation: str = 'quick_gelu'
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  added_tokens: int = 0  # Textual inversion's rows (ids vocab_size ...), a parameter apart.
 
   @nn.compact
   def __call__(self, ids, attention_mask=None, clip_skip: int = 0,
                return_hidden_states: bool = False):
     b, n = ids.shape
-    x = nn.Embed(self.vocab_size, self.hidden_size, name='embeddings.token_embedding')(ids)
+    embed = nn.Embed(self.vocab_size, self.hidden_size, name='embeddings.token_embedding')
+    if self.added_tokens:
+      added = self.param('added_token_embedding', nn.initializers.normal(0.02),
+                         (self.added_tokens, self.hidden_size))
+      x = jnp.take(jnp.concatenate([embed.embedding, added.astype(embed.embedding.dtype)]), ids,
+                   axis=0)
+    else:
+      x = embed(ids)
     pos = self.param('embeddings.position_embedding',
                      nn.initializers.normal(0.02), (self.max_positions, self.hidden_size))
     x = (x + pos[None, :n]).astype(self.dtype)
@@ -137,25 +146,45 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: CLIPTextModel) -
 
 def load(folder: str | Path, dtype=jnp.float32) -> tuple[CLIPTextModel, dict]:
   """(model, params) of a pipeline's text_encoder/ folder (config.json + model.safetensors)."""
+  from ddpm import convert  # pylint: disable=g-import-not-at-top
   folder = Path(folder)
-  config, weights = folder / 'config.json', folder / 'model.safetensors'
-  for f in (config, weights):
-    if not f.is_file():
-      raise errors.MissingFileError(
-          f'{f} not found: expected a CLIPTextModel folder written by save_pretrained() (a '
-          'Stable Diffusion pipeline\'s text_encoder/). Download the pipeline on a machine with '
-          'network access, e.g. huggingface-cli download <repo> --include "text_encoder/*" '
-          '"tokenizer/*".')
-  model = from_config(json.loads(config.read_text()), dtype)
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return model, params_from_state_dict(load_file(str(weights)), model)
+  hint = ('expected a CLIPTextModel folder written by save_pretrained() (a Stable Diffusion '
+          'pipeline\'s text_encoder/). Download the pipeline on a machine with network access, '
+          'e.g. huggingface-cli download <repo> --include "text_encoder/*" "tokenizer/*".')
+  if not (folder / 'config.json').is_file():
+    raise errors.MissingFileError(f'{folder / "config.json"} not found: {hint}')
+  model = from_config(json.loads((folder / 'config.json').read_text()), dtype)
+  return model, params_from_state_dict(convert.read_safetensors(folder, 'model', hint), model)
+
+
+def save(folder: str | Path, model: CLIPTextModel, params, config: dict) -> Path:
+  """A text_encoder/ folder transformers' CLIPTextModel.from_pretrained opens: `config` (the
+  loaded config.json) and model.safetensors; added tokens' rows join the table."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from ddpm import convert  # pylint: disable=g-import-not-at-top
+  params = dict(params)
+  positions = np.asarray(params.pop('embeddings.position_embedding'), np.float32)
+  added = params.pop('added_token_embedding', None)
+  if added is not None:
+    table = params['embeddings.token_embedding']['embedding']
+    params['embeddings.token_embedding'] = {'embedding': jnp.concatenate(
+        [table, jnp.asarray(added, table.dtype)])}
+  state = {f'text_model.{k}': v for k, v in convert.params_to_torch_state_dict(params).items()}
+  state['text_model.embeddings.position_embedding.weight'] = positions
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  record = dict(config, vocab_size=model.vocab_size + model.added_tokens)
+  (folder / 'config.json').write_text(json.dumps(record, indent=2) + '\n')
+  save_file(state, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+  return folder
 
 
 class Tokenizer:
   """A pipeline's tokenizer/ folder through transformers' CLIP tokenizer: prompts -> ids
   [B, max_length] (start, tokens, end, padding; longer prompts truncated) and the mask."""
 
-  def __init__(self, folder: str | Path, max_length: int | None = None):
+  def __init__(self, folder: str | Path, max_length: int | None = None,
+               table_size: int | None = None):
     folder = Path(folder)
     if not any((folder / f).is_file() for f in ('vocab.json', 'tokenizer.json')):
       raise errors.MissingFileError(f'{folder / "vocab.json"} not found: expected a CLIP '
@@ -164,8 +193,43 @@ class Tokenizer:
     import transformers  # pylint: disable=g-import-not-at-top
     self.tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
     self.max_length = max_length or self.tokenizer.model_max_length
+    # Tokens added later (textual inversion) get the ids after the text encoder's table
+    # (`table_size` rows, which may exceed the tokenizer's vocabulary), where
+    # CLIPTextModel(added_tokens=...) keeps their rows.
+    self.base_size = len(self.tokenizer)
+    self.table_size = table_size or self.base_size
+
+  def _our_id(self, i):
+    return np.where(i >= self.base_size, i - self.base_size + self.table_size, i)
+
+  @property
+  def ids(self) -> dict[str, int]:
+    """Every token's id (BPE pieces end in '</w>'; added tokens are whole words)."""
+    return {t: int(self._our_id(i)) for t, i in self.tokenizer.get_vocab().items()}
+
+  @property
+  def vocab_size(self) -> int:
+    """Rows the text encoder needs: its table and the added tokens'."""
+    return self.table_size + len(self.tokenizer) - self.base_size
+
+  def with_tokens(self, tokens: list[str]) -> 'Tokenizer':
+    """A copy that reads each of `tokens` as one new id after the table (as diffusers'
+    load_textual_inversion adds them)."""
+    known = [t for t in tokens if t in self.tokenizer.get_vocab()]
+    if known:
+      raise errors.ConfigError(f'Token {known[0]!r} is already in the CLIP vocabulary; pick a '
+                               'word it does not have (e.g. sks).')
+    new = copy.copy(self)
+    new.tokenizer = copy.deepcopy(self.tokenizer)
+    new.tokenizer.add_tokens(list(tokens))
+    return new
+
+  def word_id(self, word: str) -> int | None:
+    """The id of `word` if the tokenizer reads it as a single token, else None."""
+    ids = self.tokenizer.encode(word, add_special_tokens=False)
+    return int(self._our_id(ids[0])) if len(ids) == 1 else None
 
   def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     out = self.tokenizer(list(prompts), padding='max_length', truncation=True,
                          max_length=self.max_length, return_tensors='np')
-    return out['input_ids'].astype(np.int32), out['attention_mask'].astype(bool)
+    return self._our_id(out['input_ids']).astype(np.int32), out['attention_mask'].astype(bool)

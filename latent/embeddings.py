@@ -1,4 +1,5 @@
-"""Textual-inversion embeddings (Gal et al. 2022): new tokens for a trained text encoder.
+"""Textual-inversion embeddings (Gal et al. 2022): new tokens for a trained text encoder
+(ours, latent.text, or a pipeline's CLIP, latent.clip).
 
 A placeholder token ("sks") is appended to the vocabulary (`Conditions.with_tokens`)
 and its embedding row is the text encoder's `added_token_embedding` parameter, the
@@ -20,6 +21,13 @@ from latent import conditions as conditions_lib
 
 FILENAME = 'learned_embeds.safetensors'
 PARAM = 'added_token_embedding'
+
+
+def token_table(params):
+  """The text encoder's trained token table [vocab, width]: ours (text.TextEncoder) or CLIP's."""
+  enc = params['encoder']
+  return (enc['token_embedding'] if 'token_embedding' in enc
+          else enc['embeddings.token_embedding'])['embedding']
 
 
 def added_rows(params) -> np.ndarray | None:
@@ -75,7 +83,7 @@ def apply_files(params, conds: conditions_lib.Conditions, paths: Iterable[str]):
   paths = list(paths)
   if not paths:
     return params, conds
-  width = params['encoder']['token_embedding']['embedding'].shape[1]
+  width = token_table(params).shape[1]
   tokens, rows = [], []
   for path in paths:
     for token, v in load(path, width).items():

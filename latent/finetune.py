@@ -21,16 +21,20 @@ batch_size class images.
 
 The base may also be a Stable Diffusion pipeline folder (`pipeline`, diffusers' layout,
 latent.pipeline): its U-Net and CLIP text encoder stand behind the same interface
-(`PipelineDenoiser`; the unconditional context is the empty prompt's, as in SD), so LoRA,
-DreamBooth and hypernetworks train it with the same step, and the LoRA file loads with
-diffusers' `load_lora_weights`.
+(`PipelineDenoiser`; the unconditional context is the empty prompt's, as in SD), so every
+method trains it with the same step: the LoRA file loads with diffusers'
+`load_lora_weights`, the textual-inversion token (a new row of CLIP's table) with
+`load_textual_inversion`, and DreamBooth writes the fine-tuned pipeline as a diffusers
+folder, WORKDIR/pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -47,6 +51,7 @@ from latent.configs import finetune_base, ldm_base
 from latent.unet import ConditionalUNet
 
 CLASS_IMAGES = 'class_images'
+PIPELINE = 'pipeline'  # DreamBooth on a pipeline folder: the fine-tuned pipeline.
 ARTEFACTS = {'lora': 'lora.safetensors', 'textual_inversion': embeddings.FILENAME,
              'hypernetwork': 'hypernetwork.safetensors'}
 TRAINABLE = {
@@ -114,14 +119,17 @@ def concept_conditions(config, base_conds: conditions_lib.Conditions, base_param
       raise errors.ConfigError(f'concept.token={c.token!r} is already in the base\'s vocabulary; '
                                'textual inversion needs a new word (e.g. sks).')
     return base_conds, base_params
-  table = mesh_lib.gather(base_params['encoder']['token_embedding']['embedding'])
-  vocab = base_conds.tokenizer.ids
+  if base_conds.kind == 'clip' and config.method != 'textual_inversion':
+    return base_conds, base_params  # CLIP reads it as BPE pieces.
+  table = mesh_lib.gather(embeddings.token_table(base_params))
+  tok = base_conds.tokenizer
   if c.init_word:
-    if c.init_word not in vocab:
-      raise errors.ConfigError(f'concept.init_word={c.init_word!r} is not in the base\'s '
-                               f'vocabulary ({len(vocab)} words, e.g. '
-                               f'{", ".join(list(vocab)[2:8])}).')
-    row = table[vocab[c.init_word]][None]
+    init_id = tok.word_id(c.init_word)
+    if init_id is None:
+      raise errors.ConfigError(f'concept.init_word={c.init_word!r} is not one token of the '
+                               f'base\'s vocabulary ({tok.vocab_size} tokens, e.g. '
+                               f'{", ".join(list(tok.ids)[2:8])}).')
+    row = table[init_id][None]
   else:
     rng = np.random.default_rng(config.seed)
     row = (rng.standard_normal((1, table.shape[1])) * table.std()).astype(np.float32)
@@ -198,16 +206,19 @@ class PipelineDenoiser(nn.Module):
 
 class ClipConditions:
   """The pipeline's CLIP tokenizer behind `Conditions`' interface. Its BPE reads any word,
-  so the concept token needs no new row (DreamBooth's rare-token recipe)."""
+  so only textual inversion gives the concept token a row of its own; the other methods
+  read it as BPE pieces (DreamBooth's rare-token recipe)."""
   kind = 'clip'
-  added_tokens = 0
 
-  def __init__(self, tokenizer: clip.Tokenizer, folder: str):
-    self.tokenizer, self.folder = tokenizer, folder
+  def __init__(self, tokenizer: clip.Tokenizer, folder: str, added_tokens: int = 0):
+    self.tokenizer, self.folder, self.added_tokens = tokenizer, folder, added_tokens
 
   def knows(self, token: str) -> bool:
-    del token
-    return True
+    return token in self.tokenizer.ids
+
+  def with_tokens(self, tokens: list[str]) -> 'ClipConditions':
+    return ClipConditions(self.tokenizer.with_tokens(tokens), self.folder,
+                          self.added_tokens + len(tokens))
 
   def prompt_ids(self, prompts):
     return self.tokenizer(list(prompts))[0]
@@ -322,13 +333,15 @@ class Experiment(train.Experiment):
   def model(self):
     if self.config.pipeline:
       null_ids = tuple(int(i) for i in self.pipe.tokenizer([''])[0][0])
-      return PipelineDenoiser(self.pipe.unet, self.pipe.text_encoder, null_ids)
+      encoder = self.pipe.text_encoder.clone(added_tokens=self.conds.added_tokens)
+      return PipelineDenoiser(self.pipe.unet, encoder, null_ids)
     return train.build_model(self.config, self.conds, self.stage1)
 
   def base_model(self):
     """The model the base's own parameters fit (no added token rows)."""
-    return self.model if self.config.pipeline else train.build_model(self.config, self.base[1],
-                                                                     self.stage1)
+    if self.config.pipeline:
+      return self.model.clone(encoder=self.pipe.text_encoder)
+    return train.build_model(self.config, self.base[1], self.stage1)
 
   @functools.cached_property
   def schedule(self):
@@ -400,7 +413,30 @@ class Experiment(train.Experiment):
 
   def finish(self, state, ckpt, writer, start):
     self.write_artefact(state)
+    if self.config.method == 'dreambooth' and self.config.pipeline:
+      self.write_pipeline(state)
     return state
+
+  def write_pipeline(self, state) -> Path | None:
+    """DreamBooth on a pipeline: the fine-tuned weights as a diffusers pipeline folder,
+    WORKDIR/pipeline (what diffusers users load), replaced at each finish of the run."""
+    from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    params = (self.rules.with_ema(state.params, state.ema_params) if self.config.sample.use_ema
+              else state.params)
+    params = jax.tree.map(mesh_lib.gather, params)
+    if jax.process_index() != 0:
+      return None
+    pipe = dataclasses.replace(self.pipe, unet_params=params['unet'],
+                               text_params=params['encoder'], text_encoder=self.model.encoder)
+    folder = self.workdir / PIPELINE
+    with logs.Timed(f'writing the fine-tuned pipeline to {folder}'):
+      old = folder.with_name(PIPELINE + '.old')
+      if folder.exists():
+        folder.rename(old)  # Kept until the new one is whole.
+      pipeline_lib.save(pipe, folder)
+      if old.exists():
+        shutil.rmtree(old)
+    return folder
 
   def write_artefact(self, state) -> Path | None:
     """The method's file (LoRA, embedding, hypernetwork) from the current weights, and the

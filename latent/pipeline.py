@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ddpm import convert, samplers, schedules
 from latent import autoencoder, clip, guidance
 from latent.unet import ConditionalUNet
 
+SINGLE_FILE = ('.ckpt', '.safetensors', '.pt', '.pth')  # The original SD checkpoint formats.
 PREDICTIONS = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x0'}
 
 
@@ -41,6 +43,7 @@ class Pipeline:
   tokenizer: clip.Tokenizer
   schedule: schedules.Schedule
   sampler_options: dict  # prediction, spacing, steps_offset, final_alpha_cumprod, clip_x0.
+  configs: dict | None = None  # The folder's own text_encoder and scheduler configs (`save`).
 
 
 def read_json(path: Path) -> dict:
@@ -161,32 +164,108 @@ def schedule_from_config(cfg: dict) -> tuple[schedules.Schedule, dict]:
 def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
   """Every part of a diffusers Stable Diffusion pipeline folder, as our modules.
 
+  `dtype` is the weights' and the computation's (bfloat16: attention logits, softmax and
+  the samplers' arithmetic stay float32, as diffusers' upcast_attention).
+
   The weights are placed on `mesh` (default: this process's devices, config-free) by the
   training seam's rules (common.mesh.state_shardings): with mesh.fsdp > 1 each device holds
   its share of every large array, so a pipeline larger than one device fits.
   """
   folder = Path(folder)
+  single = folder if folder.is_file() else next(
+      (p for p in sorted(folder.glob('*')) if p.suffix in SINGLE_FILE), None)
+  if single is not None and not (folder / 'model_index.json').is_file():
+    raise errors.ConfigError(
+        f'{single} is a single-file checkpoint (the original Stable Diffusion format); this '
+        'loader reads diffusers pipeline folders. Convert it once with diffusers: '
+        'StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) (or its script '
+        'scripts/convert_original_stable_diffusion_to_diffusers.py --checkpoint_path FILE '
+        '--dump_path DIR), then pass DIR.')
   index = read_json(folder / 'model_index.json')
   for part in ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'):
     if part not in index:
       raise errors.ConfigError(f'{folder}/model_index.json has no {part!r}: not a Stable '
                                'Diffusion pipeline.')
+  # Every config is read and checked before any weights are.
   unet = unet_from_config(read_json(folder / 'unet' / 'config.json'), dtype)
-  text_encoder, text_params = clip.load(folder / 'text_encoder', dtype)
+  schedule, options = schedule_from_config(
+      read_json(folder / 'scheduler' / 'scheduler_config.json'))
+  configs = {'text_encoder': read_json(folder / 'text_encoder' / 'config.json'),
+             'scheduler': read_json(folder / 'scheduler' / 'scheduler_config.json')}
+  tokenizer = clip.Tokenizer(folder / 'tokenizer',
+                             table_size=configs['text_encoder'].get('vocab_size'))
+
+  def converted(part, fn, *args):
+    """Weights that do not fit the config: one error naming the component and the tensor."""
+    try:
+      return fn(folder / part, *args)
+    except (KeyError, ValueError) as e:
+      raise errors.ConfigError(f'{folder / part}: {e.args[0] if e.args else e}') from e
+
+  text_encoder, text_params = converted('text_encoder', clip.load, dtype)
   width = text_encoder.hidden_size
   reference = jax.eval_shape(
       lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, unet.sample_size, unet.sample_size,
                                                           unet.in_channels)),
                         jnp.zeros((1,)), context=jnp.zeros((1, 1, width))))['params']
-  unet_params = convert.load_diffusers_unet(folder / 'unet', reference)
-  vae, vae_params, scaling_factor = autoencoder.load_diffusers_vae(folder / 'vae', dtype)
-  schedule, options = schedule_from_config(
-      read_json(folder / 'scheduler' / 'scheduler_config.json'))
+  unet_params = converted('unet', convert.load_diffusers_unet, reference)
+  vae, vae_params, scaling_factor = converted('vae', autoencoder.load_diffusers_vae, dtype)
   mesh = mesh if mesh is not None else mesh_lib.make_mesh()
-  place = lambda tree: mesh_lib.place(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
-                                      mesh)
+  # Weights are stored in the compute dtype, as diffusers' torch_dtype: bfloat16 halves them.
+  place = lambda tree: mesh_lib.place(jax.tree.map(lambda x: jnp.asarray(x, dtype), tree), mesh)
   return Pipeline(unet, place(unet_params), vae, place(vae_params), scaling_factor, text_encoder,
-                  place(text_params), clip.Tokenizer(folder / 'tokenizer'), schedule, options)
+                  place(text_params), tokenizer, schedule, options, configs)
+
+
+def save(pipe: Pipeline, folder: str | Path) -> Path:
+  """Writes `pipe` (loaded, then fine-tuned or given adapters and embeddings) as a diffusers
+  StableDiffusionPipeline folder that from_pretrained opens. The folder must not exist yet;
+  it appears whole (written beside it first, then renamed)."""
+  folder = Path(folder)
+  if folder.exists():
+    raise errors.WorkdirError(f'{folder} exists; pick a new folder for the pipeline.')
+  if pipe.configs is None:
+    raise errors.ConfigError('Only a pipeline made by pipeline.load (it keeps the folder\'s '
+                             'text encoder and scheduler configs) can be saved as one.')
+  if pipe.text_encoder.added_tokens and pipe.tokenizer.base_size != pipe.tokenizer.table_size:
+    raise errors.ConfigError('The tokenizer has fewer tokens than the text encoder\'s table, so '
+                             'added tokens would get other ids in transformers.')
+  tmp = folder.with_name(folder.name + '.tmp')
+  if tmp.exists():
+    shutil.rmtree(tmp)  # A save that was killed.
+  save_unet(tmp / 'unet', pipe.unet, pipe.unet_params, pipe.text_encoder.hidden_size)
+  save_vae(tmp / 'vae', pipe.vae, pipe.vae_params, pipe.scaling_factor)
+  clip.save(tmp / 'text_encoder', pipe.text_encoder, pipe.text_params,
+            pipe.configs['text_encoder'])
+  pipe.tokenizer.tokenizer.save_pretrained(str(tmp / 'tokenizer'))
+  (tmp / 'scheduler').mkdir()
+  (tmp / 'scheduler' / 'scheduler_config.json').write_text(
+      json.dumps(pipe.configs['scheduler'], indent=2) + '\n')
+  index = {'_class_name': 'StableDiffusionPipeline', '_diffusers_version': '0.30.0',
+           'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
+           'text_encoder': ['transformers', 'CLIPTextModel'],
+           'tokenizer': ['transformers', 'CLIPTokenizer'],
+           'scheduler': ['diffusers', pipe.configs['scheduler'].get('_class_name',
+                                                                    'DDIMScheduler')],
+           'safety_checker': [None, None], 'feature_extractor': [None, None],
+           'requires_safety_checker': False}
+  (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
+  tmp.rename(folder)
+  return folder
+
+
+def with_embeddings(pipe: Pipeline, paths) -> Pipeline:
+  """`pipe` with the tokens of textual-inversion files (diffusers' learned_embeds layout)
+  added to its tokenizer and their rows to its text encoder."""
+  from latent import embeddings  # pylint: disable=g-import-not-at-top
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  if not paths:
+    return pipe
+  params, tokenizer = embeddings.apply_files({'encoder': pipe.text_params}, pipe.tokenizer, paths)
+  encoder = pipe.text_encoder.clone(
+      added_tokens=tokenizer.vocab_size - pipe.text_encoder.vocab_size)
+  return dataclasses.replace(pipe, text_encoder=encoder, text_params=params['encoder'],
+                             tokenizer=tokenizer)
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> jnp.ndarray:
@@ -204,17 +283,43 @@ def sampler_options(pipe: Pipeline, sampler: str) -> dict:
 
 
 def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
-                   karras: bool = False):
-  """jit(fn(latents, context, negative_context, guidance_scale, rng) -> (images in [-1, 1],
-  the final latents)): SD's text-to-image with classifier-free guidance."""
-  options = sampler_options(pipe, sampler)
+                   karras: bool = False, strength: float = 1.0, inpaint: bool = False):
+  """jit(fn(noise, context, negative_context, guidance_scale, rng, init_z0=None, keep=None) ->
+  (images in [-1, 1], the final latents)): SD's text-to-image with classifier-free guidance.
 
-  def sample_fn(latents, context, negative, guidance_scale, rng):
+  As diffusers' img2img and inpainting pipelines: `init_z0` (scaled latents of a picture)
+  starts the last int(strength * num_steps) steps from the picture noised with `noise`;
+  with `inpaint`, latents where `keep` [B, h, w, 1] is 1 are re-imposed from init_z0,
+  noised with that same noise, after every step. An inpainting U-Net (9 input channels,
+  SD-inpainting) instead sees the mask and `masked_z0` (encode_images(..., keep): the
+  picture with the repainted region grey) beside x_t, at any strength.
+  """
+  options = sampler_options(pipe, sampler)
+  channels = pipe.vae.latent_channels
+  mask_channels = pipe.unet.in_channels - channels  # 0, or 1 + channels for inpainting U-Nets.
+  if mask_channels not in (0, 1 + channels):
+    raise errors.ConfigError(f'unet in_channels={pipe.unet.in_channels}: expected '
+                             f'{channels} or {2 * channels + 1} (an inpainting U-Net).')
+  if mask_channels and not inpaint:
+    raise errors.ConfigError('This pipeline\'s U-Net is an inpainting model (9 input channels): '
+                             'give sample.init_image and sample.mask.')
+
+  def sample_fn(noise, context, negative, guidance_scale, rng, init_z0=None, keep=None,
+                masked_z0=None):
     apply = lambda x, t, c, m: pipe.unet.apply({'params': pipe.unet_params}, x, t, context=c)
     ones = jnp.ones(context.shape[:2], bool)
     model_fn = guidance.guided_model_fn(apply, context, ones, negative, ones, guidance_scale)
-    z0 = samplers.sample(pipe.schedule, model_fn, latents, rng, sampler=sampler,
-                         num_steps=num_steps, eta=eta, karras=karras, **options)
+    inject = None
+    if mask_channels:  # diffusers: [x_t, mask (1 = repaint), latents of the masked picture].
+      extra = jnp.concatenate([1.0 - keep, masked_z0], axis=-1)
+      unet_fn = model_fn
+      model_fn = lambda x, t: unet_fn(jnp.concatenate([x, extra.astype(x.dtype)], -1), t)
+    elif inpaint:
+      inject = samplers.reimposing(init_z0, keep, noise)
+    z0 = samplers.sample(pipe.schedule, model_fn, noise, rng, sampler=sampler,
+                         num_steps=num_steps, eta=eta, karras=karras, inject=inject,
+                         init_x0=init_z0 if strength < 1.0 else None, strength=strength,
+                         **options)
     images = pipe.vae.apply({'params': pipe.vae_params}, z0 / pipe.scaling_factor,
                             method=pipe.vae.decode)
     return images, z0
@@ -222,17 +327,47 @@ def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, e
   return jax.jit(sample_fn)
 
 
+def encode_images(pipe: Pipeline, images_uint8: np.ndarray, keep: np.ndarray | None = None,
+                  batch_size: int = 8) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> scaled latents (the posterior mean; diffusers draws from it).
+
+  With `keep` [N, h, w, 1] on the latent grid, the pixels of every patch where it is 0 are
+  set to 0 in [-1, 1] first: the masked picture an inpainting U-Net is given.
+  """
+  f = pipe.vae.downsampling_factor
+
+  @jax.jit
+  def encode(images, keep):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    x = x * jnp.repeat(jnp.repeat(keep, f, axis=1), f, axis=2)
+    mean, _ = pipe.vae.apply({'params': pipe.vae_params}, x, method=pipe.vae.encode)
+    return pipe.scaling_factor * mean
+
+  if keep is None:
+    keep = np.ones((len(images_uint8), images_uint8.shape[1] // f, images_uint8.shape[2] // f,
+                    1), np.float32)
+  return np.concatenate([np.asarray(encode(images_uint8[i:i + batch_size], keep[i:i + batch_size]))
+                         for i in range(0, len(images_uint8), batch_size)])
+
+
 def generate(pipe: Pipeline, prompts: list[str], negative_prompt: str = '', seed: int = 0,
              guidance_scale: float = 7.5, latents: np.ndarray | None = None,
-             **sampler_kwargs) -> np.ndarray:
-  """uint8 images [len(prompts), H, W, 3]; `latents` [B, h, w, 4] replaces the seeded noise."""
+             init_z0: np.ndarray | None = None, keep: np.ndarray | None = None,
+             masked_z0: np.ndarray | None = None, **sampler_kwargs) -> np.ndarray:
+  """uint8 images [len(prompts), H, W, 3]; `latents` [B, h, w, 4] replaces the seeded noise.
+
+  `init_z0` (scaled latents, e.g. encode_images) with sampler_kwargs strength < 1 is
+  image-to-image; `keep` [B, h, w, 1] (1 = keep the picture) inpaints (an inpainting
+  U-Net also takes `masked_z0`).
+  """
   u = pipe.unet
   if latents is None:
-    latents = jax.random.normal(jax.random.PRNGKey(seed),
-                                (len(prompts), u.sample_size, u.sample_size, u.in_channels))
+    latents = jax.random.normal(jax.random.PRNGKey(seed), (len(prompts), u.sample_size,
+                                                           u.sample_size, pipe.vae.latent_channels))
   context = encode_prompts(pipe, prompts)
   negative = encode_prompts(pipe, [negative_prompt] * len(prompts))
-  images, _ = make_sample_fn(pipe, **sampler_kwargs)(
+  as_array = lambda a: None if a is None else jnp.asarray(a)
+  images, _ = make_sample_fn(pipe, inpaint=keep is not None, **sampler_kwargs)(
       jnp.asarray(latents), context, negative, jnp.float32(guidance_scale),
-      jax.random.PRNGKey(seed + 1))
+      jax.random.PRNGKey(seed + 1), as_array(init_z0), as_array(keep), as_array(masked_z0))
   return imageio.to_uint8(np.asarray(images))

@@ -79,7 +79,10 @@ def read_init_images(path: str | Path, size: int) -> np.ndarray:
     return imageio.load_images(path, size=size)[0]
   if not path.is_file():
     raise errors.MissingFileError(f'sample.init_image {path} does not exist.')
-  return imageio.read_image(path, size)[None]
+  try:
+    return imageio.read_image(path, size)[None]
+  except OSError as e:
+    raise errors.DataError(f'sample.init_image {path} is not a readable image ({e}).') from e
 
 
 def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
@@ -91,9 +94,12 @@ def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
   path = Path(path)
   if not path.is_file():
     raise errors.MissingFileError(f'sample.mask {path} does not exist.')
-  with Image.open(path) as img:
-    gray = img.convert('L').resize((latent_size, latent_size), Image.Resampling.BOX,
-                                   reducing_gap=None)
+  try:
+    with Image.open(path) as img:
+      gray = img.convert('L').resize((latent_size, latent_size), Image.Resampling.BOX,
+                                     reducing_gap=None)
+  except OSError as e:
+    raise errors.DataError(f'sample.mask {path} is not a readable image ({e}).') from e
   return (np.asarray(gray, np.float32) < 128).astype(np.float32)[None, :, :, None]
 
 
@@ -113,7 +119,8 @@ def write_captioned(images: np.ndarray, prompts: list[str], num_per_prompt: int,
 
 
 def generate_from_pipeline(config, workdir: str | Path) -> Path:
-  """Text-to-image with a Stable Diffusion pipeline folder (latent/configs/sd_pipeline.py)."""
+  """Text-to-image, image-to-image or inpainting with a Stable Diffusion pipeline folder
+  (latent/configs/sd_pipeline.py)."""
   from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from latent.configs import sd_pipeline  # pylint: disable=g-import-not-at-top
   sd_pipeline.validate(config)
@@ -126,20 +133,34 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
   if s.adapters:  # LoRA files name the U-Net's modules under 'unet.', as diffusers' do.
     unet = lora.apply_files({'unet': pipe.unet_params}, s.adapters)['unet']
     pipe = dataclasses.replace(pipe, unet_params=unet)
+  pipe = pipeline_lib.with_embeddings(pipe, s.embeddings)
   all_prompts = [p for p in prompts for _ in range(s.num_per_prompt)]
-  sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas)
+  n, size, channels = len(all_prompts), pipe.unet.sample_size, pipe.vae.latent_channels
+  init_z0 = keep = masked_z0 = None
+  if s.init_image:
+    pictures = read_init_images(s.init_image, size * pipe.vae.downsampling_factor)
+    pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
+    init_z0 = pipeline_lib.encode_images(pipe, pictures, batch_size=s.batch_size)
+    if s.mask:
+      keep = np.broadcast_to(read_mask(s.mask, size), (n, size, size, 1))
+      if pipe.unet.in_channels > channels:  # An inpainting U-Net sees the masked picture.
+        masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)
+  sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
+                                          strength=s.strength if s.init_image else 1.0,
+                                          inpaint=keep is not None)
   negative = pipeline_lib.encode_prompts(pipe, [s.negative_prompt])
-  u, rng, images = pipe.unet, jax.random.PRNGKey(s.seed), []
-  with logs.Timed(f'sampling {len(all_prompts)} images with {s.sampler} x{s.num_steps} '
+  rng, images = jax.random.PRNGKey(s.seed), []
+  with logs.Timed(f'sampling {n} images with {s.sampler} x{s.num_steps} '
                   '(the first batch compiles the sampler)'):
-    for i in range(0, len(all_prompts), s.batch_size):
+    for i in range(0, n, s.batch_size):
       rng, noise_rng, step_rng = jax.random.split(rng, 3)
       batch = all_prompts[i:i + s.batch_size]
-      noise = jax.random.normal(noise_rng, (len(batch), u.sample_size, u.sample_size,
-                                            u.in_channels))
+      noise = jax.random.normal(noise_rng, (len(batch), size, size, channels))
       context = pipeline_lib.encode_prompts(pipe, batch)
+      part = lambda a: None if a is None else jnp.asarray(a[i:i + len(batch)])
       x, _ = sample_fn(noise, context, jnp.repeat(negative, len(batch), axis=0),
-                       jnp.float32(s.guidance_scale), step_rng)
+                       jnp.float32(s.guidance_scale), step_rng, part(init_z0), part(keep),
+                       part(masked_z0))
       images.append(imageio.to_uint8(mesh_lib.gather(x)))
   write_captioned(np.concatenate(images), prompts, s.num_per_prompt, out, lambda p: p,
                   s.guidance_scale)

@@ -56,6 +56,9 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return len(self.vocab)
 
+  def word_id(self, word: str) -> int | None:
+    return self.ids.get(word)
+
   def unknown_words(self, text: str) -> list[str]:
     return [w for w in words(text) if w not in self.ids]
 

@@ -160,15 +160,9 @@ def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
     context, mask, null, null_mask = condition(model, params, ids)
     apply = lambda x, t, c, m: denoise(model, params, x, t, c, m)
     model_fn = guidance.guided_model_fn(apply, context, mask, null, null_mask, guidance_scale)
-    def reimpose_known(x, t_next, key):
-      """Inpainting: the kept region is the original noised to t_next (itself after the last step)."""
-      tb = jnp.full((x.shape[0],), jnp.maximum(t_next, 0), jnp.int32)
-      known = diffusion.q_sample(schedule, init_z0, tb, jax.random.normal(key, x.shape))
-      known = jnp.where(t_next >= 0, known, init_z0)
-      return keep * known + (1.0 - keep) * x
     z0 = samplers.sample(schedule, model_fn, noise, rng,
                          **samplers.options_from_config(config, **(options or {})),
-                         inject=reimpose_known if inpaint else None,
+                         inject=samplers.reimposing(init_z0, keep) if inpaint else None,
                          init_x0=init_z0 if strength < 1.0 else None, strength=strength)
     return stage1.decode(vae_params, z0) if decode else z0
 

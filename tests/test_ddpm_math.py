@@ -308,7 +308,7 @@ def test_sigma_samplers_match_diffusers_trajectories(name, karras, spacing, pred
   np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
-def test_sigma_samplers_reach_the_data_distribution():
+def test_sd_samplers_reach_the_data_distribution():
   s = schedules.make_schedule('scaled_linear', T)  # Stable Diffusion's, what they are for.
   x_T = jax.random.normal(jax.random.PRNGKey(3), (4096, 4))
   exact = gaussian_eps_fn(s)
@@ -316,10 +316,97 @@ def test_sigma_samplers_reach_the_data_distribution():
   model_fn = lambda x, t: exact(x, jnp.round(t).astype(jnp.int32))
   # Ancestral sampling's discretisation error shrinks the spread at few steps (std 0.43 at
   # 30 steps, 0.47 at 100, 0.48 at 300; DDIM with eta=1 does the same).
-  for name, steps in (('euler', 30), ('heun', 30), ('dpmpp_2m_karras', 30),
+  for name, steps in (('euler', 30), ('heun', 30), ('dpmpp_2m_karras', 30), ('unipc', 20),
                       ('euler_ancestral', 100)):
     out = np.asarray(jax.jit(lambda x, name=name, steps=steps: samplers.sample(
         s, model_fn, x, jax.random.PRNGKey(1), sampler=name, num_steps=steps,
         clip_x0=False))(x_T), np.float64)
     assert abs(out.mean() - MU) < 0.05 and abs(out.std() - SD) < 0.05, (name, out.mean(), out.std())
 
+
+
+@pytest.mark.parametrize('name,strength,inpaint', [
+    ('euler', 0.6, False), ('heun', 0.7, True), ('dpmpp_2m_karras', 0.5, True),
+    ('euler', 1.0, True), ('ddim', 0.6, True), ('unipc', 0.7, True),
+])
+def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength, inpaint):
+  """The loops of diffusers' img2img and inpainting pipelines (4-channel U-Net): start
+  int(S * strength) steps from the end at the picture noised with the initial noise
+  (set_begin_index, add_noise), and after every scheduler step re-impose the kept region
+  noised to the next step's level with that same noise."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  steps, n = 10, 16
+  s = schedules.make_schedule('scaled_linear', T)
+  sd = dict(num_train_timesteps=T, beta_schedule='scaled_linear', beta_start=0.00085,
+            beta_end=0.012)
+  if name == 'ddim':
+    ref = diffusers.DDIMScheduler(**sd, clip_sample=False, set_alpha_to_one=True)
+  elif name == 'unipc':
+    ref = diffusers.UniPCMultistepScheduler(**sd, timestep_spacing='leading')
+  else:
+    ref = _diffusers_scheduler(name, False, 'leading', 'eps')
+  ref.set_timesteps(steps)
+  rng = np.random.default_rng(0)
+  x_T, init = (rng.standard_normal((n, 4)).astype(np.float32) for _ in range(2))
+  keep = (np.arange(4) < 2).astype(np.float32)[None].repeat(n, 0)  # Keep 2 of 4 "pixels".
+  tt = lambda a: torch.from_numpy(np.array(a))
+  first = steps - min(int(steps * strength), steps)
+  timesteps = ref.timesteps[first * ref.order:]
+  if hasattr(ref, 'set_begin_index'):
+    ref.set_begin_index(first * ref.order)
+  if strength < 1.0:
+    x = ref.add_noise(tt(init), tt(x_T), timesteps[:1])
+  else:
+    x = tt(x_T) * ref.init_noise_sigma
+  for i, t in enumerate(timesteps):
+    out = _toy_model(jnp.asarray(ref.scale_model_input(x, t).numpy()),
+                     jnp.full((n,), float(t)))
+    x = ref.step(tt(out), t, x).prev_sample
+    if inpaint:
+      known = tt(init)
+      if i < len(timesteps) - 1:
+        known = ref.add_noise(known, tt(x_T), timesteps[i + 1:i + 2])
+      x = tt(keep) * known + (1 - tt(keep)) * x
+  ours = samplers.sample(
+      s, _toy_model, jnp.asarray(x_T), jax.random.PRNGKey(0), sampler=name, num_steps=steps,
+      spacing='leading', clip_x0=False, init_x0=jnp.asarray(init) if strength < 1 else None,
+      strength=strength,
+      inject=samplers.reimposing(jnp.asarray(init), jnp.asarray(keep), jnp.asarray(x_T))
+      if inpaint else None)
+  want = x.numpy()
+  np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4 * max(1.0, np.abs(want).max()))
+  if inpaint:
+    np.testing.assert_array_equal(np.asarray(ours)[:, :2], init[:, :2])
+
+
+@pytest.mark.parametrize('name,spacing,prediction,steps', [
+    ('unipc', 'leading', 'eps', 10), ('unipc', 'linspace', 'v', 7),
+    ('unipc', 'trailing', 'eps', 20), ('dpm_solver', 'leading', 'eps', 12),
+    ('dpm_solver', 'linspace', 'v', 9),
+])
+def test_multistep_solvers_match_diffusers_trajectories(name, spacing, prediction, steps):
+  """UniPC (bh2, order 2) and DPM-Solver++(2M) against diffusers' UniPCMultistepScheduler and
+  DPMSolverMultistepScheduler, with their own timestep rules (S + 1 points for leading and
+  linspace) and SD's betas, steps_offset and lower_order_final."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  s = schedules.make_schedule('scaled_linear', T)
+  kw = dict(num_train_timesteps=T, beta_schedule='scaled_linear', beta_start=0.00085,
+            beta_end=0.012, prediction_type='epsilon' if prediction == 'eps' else 'v_prediction',
+            timestep_spacing=spacing, steps_offset=1 if spacing == 'leading' else 0)
+  if name == 'unipc':
+    ref = diffusers.UniPCMultistepScheduler(**kw)
+  else:
+    ref = diffusers.DPMSolverMultistepScheduler(**kw, algorithm_type='dpmsolver++')
+  ref.set_timesteps(steps)
+  np.testing.assert_array_equal(ref.timesteps.numpy(), samplers.multistep_timesteps(
+      T, steps, spacing, kw['steps_offset']))
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (16, 4)), np.float32)
+  x = torch.from_numpy(x_T)
+  for t in ref.timesteps:
+    out = _toy_model(jnp.asarray(x.numpy()), jnp.full((len(x_T),), float(t)))
+    x = ref.step(torch.from_numpy(np.asarray(out)), t, x).prev_sample
+  ours = samplers.sample(s, _toy_model, jnp.asarray(x_T), jax.random.PRNGKey(0), sampler=name,
+                         num_steps=steps, spacing=spacing, prediction=prediction,
+                         steps_offset=kw['steps_offset'], clip_x0=False)
+  want = x.numpy()
+  np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4 * max(1.0, np.abs(want).max()))

@@ -22,7 +22,7 @@ from latent import embeddings, finetune, hypernetwork, sample, train
 from latent.configs import (finetune_dreambooth, finetune_hypernetwork, finetune_lora,
                             finetune_textual_inversion)
 from test_latent_ldm import tiny_ldm_config, tiny_vae_config
-from test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
+from test_latent_pipeline import diffusers_images, sd_folder  # noqa: F401  (sd_folder: a fixture)
 
 METHOD_CONFIGS = {'lora': finetune_lora, 'dreambooth': finetune_dreambooth,
                   'textual_inversion': finetune_textual_inversion,
@@ -295,7 +295,6 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
   """LoRA on Stable Diffusion weights (a tiny random pipeline): the base stays bit-identical,
   and diffusers' own loader reads our file and draws what we draw with it."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   from latent import pipeline  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
   config = ft_config('lora', '', concept_dir, **{
@@ -317,13 +316,9 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
   got, plain = run(dataclasses.replace(pipe, unet_params=unet)), run(pipe)
   reference.load_lora_weights(str(tmp_path / 'ft'), weight_name='lora.safetensors')
   try:
-    with torch.no_grad():
-      want = reference(prompts, negative_prompt=['red', 'red'], num_inference_steps=6,
-                       guidance_scale=3.0, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
-                       output_type='np').images
+    want = diffusers_images(reference, prompts, latents, 6, 3.0)
   finally:
     reference.unload_lora_weights()
-  want = np.round(want * 255).astype(np.int32)
   assert np.abs(got.astype(np.int32) - plain).max() > 3  # The adapter acts ...
   assert np.abs(got.astype(np.int32) - want).max() <= 1  # ... as diffusers applies it.
   # And sampling the fine-tuning run itself works from its config.
@@ -340,3 +335,74 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
     sd.sample.output_dir = str(tmp_path / f'sd_{strength}')
     outputs.append(imageio.load_images(sample.generate_from_pipeline(sd, tmp_path))[0])
   assert np.abs(outputs[0].astype(int) - outputs[1]).max() > 3
+
+
+def test_textual_inversion_on_a_pipeline_loads_in_diffusers_with_our_images(sd_folder,
+                                                                           concept_dir, tmp_path):
+  """Textual inversion on a pipeline's CLIP: only the new token's row trains (starting from
+  the init word's), and diffusers' load_textual_inversion reads our learned_embeds file and
+  draws what we draw with it (sd_pipeline.py's sample.embeddings)."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from latent import embeddings, pipeline  # pylint: disable=g-import-not-at-top
+  folder, reference = sd_folder
+  config = ft_config('textual_inversion', '', concept_dir, **{
+      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'concept.init_word': 'hair',
+      'optim.learning_rate': 5e-2, 'train.num_steps': 10, 'train.checkpoint_every': 10,
+      'train.sample_every': 10, 'finetune.unrelated_prompts': ('red hair',),
+      'sample.prompts': ('sks hair',)})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  pipe = pipeline.load(folder)
+  row = np.asarray(state.params['encoder'][embeddings.PARAM])
+  hair = pipe.tokenizer.word_id('hair')
+  assert row.shape == (1, 32) and not np.allclose(row[0], pipe.text_params[
+      'embeddings.token_embedding']['embedding'][hair])  # Trained away from 'hair'.
+  assert changed({'unet': pipe.unet_params, 'encoder': pipe.text_params}, state.params) == []
+
+  path = tmp_path / 'ft' / 'learned_embeds.safetensors'
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  prompts = ['sks hair', 'red hair']
+  got = pipeline.generate(pipeline.with_embeddings(pipe, [str(path)]), prompts,
+                          negative_prompt='red', guidance_scale=3.0, latents=latents,
+                          sampler='ddim', num_steps=6)
+  theirs = diffusers.StableDiffusionPipeline(**copy.deepcopy(reference.components))
+  theirs.load_textual_inversion(str(path))
+  assert np.abs(got.astype(np.int32) - diffusers_images(theirs, prompts, latents, 6, 3.0)).max() <= 1
+  # The run samples itself with the token, as the file does.
+  images = sample_images(config, tmp_path / 'ft', tmp_path / 'out')
+  assert images.shape == (config.sample.num_per_prompt, 16, 16, 3)
+  # So does the pipeline sampler (sd_pipeline.py's sample.embeddings).
+  from latent.configs import sd_pipeline  # pylint: disable=g-import-not-at-top
+  sd = sd_pipeline.get_config()
+  sd.pipeline, sd.sample.prompts, sd.sample.num_per_prompt = str(folder), ('sks hair',), 1
+  sd.sample.num_steps, sd.sample.embeddings = 4, (str(path),)
+  sd.sample.output_dir = str(tmp_path / 'sd')
+  assert len(imageio.load_images(sample.generate_from_pipeline(sd, tmp_path))[0]) == 1
+
+
+@pytest.mark.slow
+def test_dreambooth_on_a_pipeline_writes_a_diffusers_pipeline(sd_folder, concept_dir, tmp_path):
+  """DreamBooth on a pipeline folder writes WORKDIR/pipeline: diffusers opens it and draws
+  what the fine-tuned run draws; the text encoder stays the base's."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  folder, _ = sd_folder
+  config = ft_config('dreambooth', '', concept_dir, **{
+      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'optim.learning_rate': 1e-3,
+      'train.num_steps': 6, 'train.checkpoint_every': 6, 'train.sample_every': 6,
+      'finetune.unrelated_prompts': ('red hair',), 'sample.prompts': ('sks hair',)})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  saved = tmp_path / 'ft' / finetune.PIPELINE
+  tuned = pipeline.load(saved)
+  base = pipeline.load(folder)
+  assert changed({'encoder': base.text_params}, {'encoder': tuned.text_params}) == []
+  assert changed({'unet': base.unet_params}, {'unet': tuned.unet_params}) != []
+  written = (state.ema_params if config.sample.use_ema else state.params)['unet']
+  assert changed({'unet': tuned.unet_params}, {'unet': written}) == []
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  prompts = ['sks hair', 'red hair']
+  got = pipeline.generate(tuned, prompts, negative_prompt='red', guidance_scale=3.0,
+                          latents=latents, sampler='ddim', num_steps=6)
+  want = diffusers_images(diffusers.StableDiffusionPipeline.from_pretrained(saved), prompts,
+                          latents, 6, 3.0)
+  assert np.abs(got.astype(np.int32) - want).max() <= 1

@@ -18,7 +18,7 @@ DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')  # ddpm.schedules.SCHEDULES' keys.
 PREDICTIONS = ('eps', 'x0', 'v')                               # What the network predicts.
 SIGMA_SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpmpp_2m_karras')  # Step in sigma.
-SAMPLERS = ('ddpm', 'ddim', 'dpm_solver') + SIGMA_SAMPLERS     # ddpm.samplers.SAMPLERS' keys.
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver', 'unipc') + SIGMA_SAMPLERS     # ddpm.samplers.SAMPLERS' keys.
 SPACINGS = ('leading', 'trailing', 'linspace')                 # Inference timestep spacings.
 
 # Settings a run's checkpoints depend on: resuming a workdir with other values is an
@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sample = s = ml_collections.ConfigDict()
   s.sampler = 'ddim'
-  s.num_steps = 50                 # ddim / dpm_solver; ddpm always runs all T steps.
+  s.num_steps = 50                 # ddim / dpm_solver / unipc / ...; ddpm always runs all T.
   s.eta = 0.0
   s.karras_sigmas = False          # euler / heun: Karras et al.'s sigma spacing.
   s.spacing = 'leading'

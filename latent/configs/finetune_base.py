@@ -17,7 +17,8 @@ image size. `method` picks what trains (latent/finetune.py):
   hypernetwork       residual MLPs on the cross-attention context (hypernetwork.*)
 
 Every concept image is captioned with concept.instance_prompt ('' = "<token> <class_prompt>").
-A token the base's vocabulary lacks is added to it (its row: the init word's, else random).
+A token the base's vocabulary lacks is added to it (its row: the init word's, else random);
+a pipeline's CLIP reads any word as BPE pieces, so there only textual inversion adds one.
 """
 
 import ml_collections
@@ -97,9 +98,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if bool(config.base_workdir) == bool(config.pipeline):
     raise ValueError('Name the model to fine-tune with exactly one of base_workdir (a text LDM '
                      'trained here) and pipeline (a Stable Diffusion pipeline folder).')
-  if config.pipeline and config.method == 'textual_inversion':
-    raise ValueError('method=textual_inversion on a pipeline (its CLIP token table) is not '
-                     'built yet; use lora, dreambooth or hypernetwork.')
   if not config.data.path:
     raise ValueError('data.path must name the folder of concept images.')
   c = config.concept
@@ -126,9 +124,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(m) < 2 or m[0] != 1 or m[-1] != 1 or min(m) <= 0:
     raise ValueError(f'hypernetwork.multipliers={m} must be positive and start and end with 1, '
                      'e.g. (1, 2, 1).')
-  if config.pipeline and config.sample.embeddings:
-    raise ValueError('sample.embeddings (textual inversion) does not apply to a pipeline base '
-                     'yet.')
   config_lib.check_positive(config.lora.rank, 'lora.rank')
   config_lib.check_positive(config.lora.alpha, 'lora.alpha', allow_zero=True)
   if 'model' in config:

@@ -116,9 +116,6 @@ def validate_values(config: ml_collections.ConfigDict, vae_factor: int | None = 
   config_lib.check_range(s.strength, 0.0, 1.0, 'sample.strength')
   if not (s.prompts or s.prompt_file):
     raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')
-  if s.init_image and s.sampler in ddpm_default.SIGMA_SAMPLERS:
-    raise ValueError(f'sample.sampler={s.sampler!r} does not do image-to-image or inpainting '
-                     'yet (sample.init_image): use ddim or dpm_solver for those.')
   if s.hypernetwork:
     config_lib.parse_weighted_path(s.hypernetwork, 'sample.hypernetwork')
   if s.mask and not s.init_image:

@@ -1,4 +1,5 @@
-"""Text-to-image with a Stable Diffusion pipeline folder (diffusers' layout): every key + validate.
+"""Stable Diffusion pipeline folders (diffusers' layout): text-to-image, image-to-image and
+inpainting. Every key + validate.
 
   python -m latent.main --config=latent/configs/sd_pipeline.py --workdir=OUT_DIR \
       --config.pipeline=/path/to/stable-diffusion-v1-5 --mode=sample \
@@ -7,6 +8,9 @@
 The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is read
 by latent.pipeline; its scheduler_config.json gives the betas, prediction type and timestep
 settings. Images go to OUT_DIR/samples/1.jpg ... with captions.tsv and a captioned grid.
+Add --config.sample.init_image=PICTURE_OR_FOLDER (and --config.sample.strength) for
+image-to-image, and --config.sample.mask=MASK (white = generate) for inpainting; an
+inpainting U-Net (SD-inpainting, 9 input channels) needs both.
 """
 
 import ml_collections
@@ -35,8 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
   s.eta = 0.0                      # ddim only.
   s.karras_sigmas = False          # euler / heun.
   s.batch_size = 4
+  s.init_image = ''                # Image-to-image: a picture (or folder) to start from ...
+  s.strength = 0.8                 # ... noised this far (diffusers' img2img default; 1 = ignore it).
+  s.mask = ''                      # Inpainting: white = generate, black = keep init_image.
   s.adapters = ()                  # LoRA files (PEFT/diffusers keys, e.g. from
                                    # finetune_lora.py on this pipeline) as 'PATH[:STRENGTH]'.
+  s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors, ours
+                                   # or diffusers'): their tokens join the vocabulary.
   s.output_dir = ''                # '' = WORKDIR/samples.
   s.seed = 1
   return config
@@ -60,6 +69,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive(s.guidance_scale, 'sample.guidance_scale', allow_zero=True)
   for key in ('num_per_prompt', 'batch_size'):
     config_lib.check_positive(s[key], f'sample.{key}')
+  config_lib.check_range(s.strength, 0.0, 1.0, 'sample.strength')
+  if s.mask and not s.init_image:
+    raise ValueError('sample.mask (inpainting) needs sample.init_image, the picture to complete.')
   for i, spec in enumerate(s.adapters):
     config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')
   if not (s.prompts or s.prompt_file):
