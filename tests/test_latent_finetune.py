@@ -90,6 +90,15 @@ def flat(tree):
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def pipeline_config(method, folder, concept_dir, steps, **overrides):
+  """A fine-tuning config on the tiny SD pipeline folder: `steps` steps, one checkpoint."""
+  return ft_config(method, '', concept_dir, **{
+      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'train.num_steps': steps,
+      'train.checkpoint_every': steps, 'train.sample_every': steps,
+      'finetune.unrelated_prompts': ('red hair',), 'sample.prompts': ('sks hair',),
+      **overrides})
+
+
 def changed(before, after):
   """Paths whose values differ (both trees flattened; keys of `before` only)."""
   a, b = flat(before), flat(after)
@@ -297,10 +306,7 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
   import dataclasses  # pylint: disable=g-import-not-at-top
   from latent import pipeline  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
-  config = ft_config('lora', '', concept_dir, **{
-      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'optim.learning_rate': 1e-2,
-      'train.num_steps': 10, 'train.checkpoint_every': 10, 'train.sample_every': 10,
-      'finetune.unrelated_prompts': ('red hair',), 'sample.prompts': ('sks hair',)})
+  config = pipeline_config('lora', folder, concept_dir, 10, **{'optim.learning_rate': 1e-2})
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
   pipe = pipeline.load(folder)
   base, adapter = lora.split(state.params)
@@ -346,11 +352,8 @@ def test_textual_inversion_on_a_pipeline_loads_in_diffusers_with_our_images(sd_f
   import diffusers  # pylint: disable=g-import-not-at-top
   from latent import embeddings, pipeline  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
-  config = ft_config('textual_inversion', '', concept_dir, **{
-      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'concept.init_word': 'hair',
-      'optim.learning_rate': 5e-2, 'train.num_steps': 10, 'train.checkpoint_every': 10,
-      'train.sample_every': 10, 'finetune.unrelated_prompts': ('red hair',),
-      'sample.prompts': ('sks hair',)})
+  config = pipeline_config('textual_inversion', folder, concept_dir, 10, **{
+      'concept.init_word': 'hair', 'optim.learning_rate': 5e-2})
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
   pipe = pipeline.load(folder)
   row = np.asarray(state.params['encoder'][embeddings.PARAM])
@@ -387,10 +390,7 @@ def test_dreambooth_on_a_pipeline_writes_a_diffusers_pipeline(sd_folder, concept
   import diffusers  # pylint: disable=g-import-not-at-top
   from latent import pipeline  # pylint: disable=g-import-not-at-top
   folder, _ = sd_folder
-  config = ft_config('dreambooth', '', concept_dir, **{
-      'pipeline': str(folder), 'concept.class_prompt': 'hair', 'optim.learning_rate': 1e-3,
-      'train.num_steps': 6, 'train.checkpoint_every': 6, 'train.sample_every': 6,
-      'finetune.unrelated_prompts': ('red hair',), 'sample.prompts': ('sks hair',)})
+  config = pipeline_config('dreambooth', folder, concept_dir, 6, **{'optim.learning_rate': 1e-3})
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
   saved = tmp_path / 'ft' / finetune.PIPELINE
   tuned = pipeline.load(saved)
