@@ -146,9 +146,8 @@ def main():
       'projections around it). XLA on CPU materialises the [B, 8, 4096, 4096] logits and '
       'their softmax, where PyTorch runs a fused flash-style kernel: that, not the '
       'convolutions (about 0.8x, `bench_latent.py`), is most of the gap in (b). Issue 14 '
-      '(CPU speed) takes it up. (b) varies between runs on this shared 2-core machine: three '
-      'runs on 2026-12-02 gave 0.42x, 0.75x and 0.65x. No GPU was lent for the 512x512 '
-      'bfloat16 comparison.',
+      '(CPU speed) takes it up. On a shared machine (b) varies from run to run; compare '
+      'the ratios of one run.',
       '',
   ])
   print(report)

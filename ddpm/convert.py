@@ -106,8 +106,11 @@ def read_safetensors(folder: str | Path, stem: str, hint: str) -> dict[str, np.n
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   for path in (folder / f'{stem}.safetensors', folder / f'{stem}.fp16.safetensors'):
     if path.is_file():
-      return {k: v.astype(np.float32) if v.dtype == np.float16 else v
-              for k, v in load_file(str(path)).items()}
+      try:
+        state = load_file(str(path))
+      except Exception as e:  # safetensors raises its own error types (truncated, bf16, ...).
+        raise errors.DataError(f'{path} cannot be read as safetensors: {e}') from None
+      return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in state.items()}
   wanted = folder / f'{stem}.safetensors'
   pickles = sorted(p.name for p in folder.glob('*.bin'))
   if pickles:

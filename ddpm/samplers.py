@@ -8,10 +8,12 @@ the whole trajectory compiles into one XLA program: no Python per step.
 latent diffusion, over the conditioning and guidance); `prediction` says
 whether it predicts eps, x0 or v.
 
-Timestep spacings follow diffusers' schedulers (Lin et al. 2023, table 2):
+Timestep spacings follow diffusers' schedulers (Lin et al. 2023, table 2); for DDIM:
   leading   t_i = i * (T // S) (+ offset), descending: 980, 960, ..., 0 for S=50
   trailing  t_i = round(T - i * T/S) - 1: 999, 979, ..., 19
   linspace  round(linspace(0, T - 1, S)), descending.
+The multistep solvers (dpm_solver, unipc) split the range into S + 1 points for leading and
+linspace and drop the last, as diffusers' DPMSolverMultistep and UniPC schedulers do.
 """
 
 from __future__ import annotations
@@ -298,14 +300,14 @@ def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_s
     key, noise_key, inject_key = jax.random.split(key, 3)
     if in_vp:
       # On x_t = alpha x0 + sigma_vp eps with alpha = 1/sqrt(sigma^2+1), lambda = -log sigma.
-      x0 = _denoised(model_fn, prediction, x / (sigma**2 + 1)**-0.5, sigma, t, clip_x0)
-      alpha_n = (sigma_next**2 + 1)**-0.5
+      alpha, alpha_n = _vp(sigma)[0], _vp(sigma_next)[0]
+      x0 = _denoised(model_fn, prediction, x / alpha, sigma, t, clip_x0)
       last = sigma_next == 0
       h = jnp.where(last, 1.0, jnp.log(sigma) - jnp.log(jnp.where(last, 1.0, sigma_next)))
       r = (jnp.log(sigma_prev) - jnp.log(sigma)) / h
       first_order = (i == 0) | last
       d = jnp.where(first_order, x0, (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev)
-      ratio = (sigma_next * alpha_n) / (sigma * (sigma**2 + 1)**-0.5)
+      ratio = (sigma_next * alpha_n) / (sigma * alpha)
       x = injected(jnp.where(last, x0, ratio * x - alpha_n * jnp.expm1(-h) * d), sigma_next,
                    inject_key)
       return (x, x0, key), (x if num_snapshots else None)
@@ -326,7 +328,7 @@ def _sample_sigmas(s: Schedule, model_fn: ModelFn, x_T, rng, sampler: str, num_s
       x = jnp.where(sigma_next > 0, x + 0.5 * (d + d2) * (sigma_next - sigma), x_euler)
     x = injected(x, sigma_next, inject_key)
     # Snapshots as x_t (what the other samplers show): x / sqrt(sigma^2 + 1).
-    return (x, x0, key), (x * (sigma_next**2 + 1)**-0.5 if num_snapshots else None)
+    return (x, x0, key), (x * _vp(sigma_next)[0] if num_snapshots else None)
 
   f = lambda a: jnp.asarray(a, jnp.float32)
   sigma_prev = np.insert(sigmas[:S - 1], 0, sigmas[0])
@@ -465,7 +467,7 @@ def sample(s: Schedule, model_fn: ModelFn, x_T: jnp.ndarray, rng: jax.Array,
       configs: steps_offset=1 with 'leading' spacing; set_alpha_to_one=False, i.e. DDIM's
       last step lands on alphas_cumprod[0] instead of 1).
     init_x0, strength: SDEdit (image-to-image, Meng et al. 2022) as diffusers'
-      img2img: only the last round(strength * steps) steps run, starting from
+      img2img: only the last int(strength * steps) steps run, starting from
       init_x0 noised to the first of them with x_T as the noise. strength 0
       returns init_x0 itself, 1 ignores it.
     num_snapshots: if > 0, also returns x_t at that many evenly spaced steps

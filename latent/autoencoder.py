@@ -213,6 +213,21 @@ def _rename_deprecated(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
   return out
 
 
+def from_diffusers_config(cfg: dict, dtype: Dtype = jnp.float32,
+                          where: str = 'the VAE config') -> AutoencoderKL:
+  """Our autoencoder for a diffusers AutoencoderKL config.json (checked: no weights read)."""
+  unsupported = {k: cfg[k] for k in ('use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention')
+                 if cfg.get(k) is False}
+  if set(cfg.get('down_block_types', ())) - {'DownEncoderBlock2D'} or unsupported:
+    raise errors.ConfigError(f'{where} describes an AutoencoderKL variant this port does '
+                             f'not have: {cfg.get("down_block_types")} {unsupported}.')
+  return AutoencoderKL(block_out_channels=tuple(cfg['block_out_channels']),
+                       layers_per_block=cfg['layers_per_block'],
+                       latent_channels=cfg['latent_channels'],
+                       norm_groups=cfg.get('norm_num_groups', 32),
+                       in_channels=cfg.get('in_channels', 3), dtype=dtype)
+
+
 def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
   """A diffusers AutoencoderKL folder (save_pretrained: config.json + safetensors).
 
@@ -227,16 +242,7 @@ def load_diffusers_vae(folder: str | Path, dtype: Dtype = jnp.float32):
   if not (folder / 'config.json').exists():
     raise errors.MissingFileError(f'{folder / "config.json"} not found: {hint}')
   cfg = json.loads((folder / 'config.json').read_text())
-  unsupported = {k: cfg[k] for k in ('use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention')
-                 if cfg.get(k) is False}
-  if set(cfg.get('down_block_types', ())) - {'DownEncoderBlock2D'} or unsupported:
-    raise errors.ConfigError(f'{folder}/config.json describes an AutoencoderKL variant this port does '
-                     f'not have: {cfg.get("down_block_types")} {unsupported}.')
-  model = AutoencoderKL(block_out_channels=tuple(cfg['block_out_channels']),
-                        layers_per_block=cfg['layers_per_block'],
-                        latent_channels=cfg['latent_channels'],
-                        norm_groups=cfg.get('norm_num_groups', 32),
-                        in_channels=cfg.get('in_channels', 3), dtype=dtype)
+  model = from_diffusers_config(cfg, dtype, str(folder / 'config.json'))
   size = 2 * model.downsampling_factor  # Parameter shapes do not depend on the image size.
   reference = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), size))
   state_dict = _rename_deprecated(convert.read_safetensors(folder, 'diffusion_pytorch_model', hint))

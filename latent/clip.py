@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -205,7 +206,9 @@ class Tokenizer:
   @property
   def ids(self) -> dict[str, int]:
     """Every token's id (BPE pieces end in '</w>'; added tokens are whole words)."""
-    return {t: int(self._our_id(i)) for t, i in self.tokenizer.get_vocab().items()}
+    shift = self.table_size - self.base_size
+    return {t: i + shift if i >= self.base_size else i
+            for t, i in self.tokenizer.get_vocab().items()}
 
   @property
   def vocab_size(self) -> int:
@@ -218,7 +221,15 @@ class Tokenizer:
     known = [t for t in tokens if t in self.tokenizer.get_vocab()]
     if known:
       raise errors.ConfigError(f'Token {known[0]!r} is already in the CLIP vocabulary; pick a '
-                               'word it does not have (e.g. sks).')
+                               'new placeholder (e.g. <my-concept>).')
+    for t in tokens:
+      if self.word_id(t) is not None:
+        logging.warning('%r is a word CLIP reads as one token; as a new token it stands for the '
+                        'learned concept in every prompt (as with diffusers\' '
+                        'load_textual_inversion).', t)
+    if len(set(tokens)) < len(tokens):
+      raise errors.ConfigError(f'Tokens {list(tokens)}: the same token twice (two embedding '
+                               'files for one token?).')
     new = copy.copy(self)
     new.tokenizer = copy.deepcopy(self.tokenizer)
     new.tokenizer.add_tokens(list(tokens))

@@ -214,7 +214,8 @@ class ClipConditions:
     self.tokenizer, self.folder, self.added_tokens = tokenizer, folder, added_tokens
 
   def knows(self, token: str) -> bool:
-    return token in self.tokenizer.ids
+    """Whether `token` is an entry of the vocabulary as it stands (added tokens included)."""
+    return token in self.tokenizer.tokenizer.get_vocab()
 
   def with_tokens(self, tokens: list[str]) -> 'ClipConditions':
     return ClipConditions(self.tokenizer.with_tokens(tokens), self.folder,
@@ -423,14 +424,16 @@ class Experiment(train.Experiment):
     from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
     params = (self.rules.with_ema(state.params, state.ema_params) if self.config.sample.use_ema
               else state.params)
-    params = jax.tree.map(mesh_lib.gather, params)
+    params, vae_params = jax.tree.map(mesh_lib.gather, (params, self.pipe.vae_params))
     if jax.process_index() != 0:
       return None
-    pipe = dataclasses.replace(self.pipe, unet_params=params['unet'],
+    pipe = dataclasses.replace(self.pipe, unet_params=params['unet'], vae_params=vae_params,
                                text_params=params['encoder'], text_encoder=self.model.encoder)
     folder = self.workdir / PIPELINE
     with logs.Timed(f'writing the fine-tuned pipeline to {folder}'):
       old = folder.with_name(PIPELINE + '.old')
+      if old.exists() and folder.exists():
+        shutil.rmtree(old)  # Left by a run killed after its last complete write.
       if folder.exists():
         folder.rename(old)  # Kept until the new one is whole.
       pipeline_lib.save(pipe, folder)

@@ -5,9 +5,10 @@ A folder written by diffusers' `StableDiffusionPipeline.save_pretrained` holds
 `load` reads each with safetensors' numpy API (no torch) into the Flax modules
 here: `latent.unet.ConditionalUNet` (SD 1.x and 2.x layouts), `latent.autoencoder`,
 `latent.clip`; the scheduler's betas, prediction type and timestep settings become a
-`ddpm.schedules.Schedule` and sampler options. `generate` is SD's text-to-image with
-classifier-free guidance (the negative prompt as the unconditional context) on any of
-ddpm.samplers' samplers.
+`ddpm.schedules.Schedule` and sampler options. `make_sample_fn` / `generate` are SD's
+text-to-image, image-to-image and inpainting with classifier-free guidance (the negative
+prompt as the unconditional context) on any of ddpm.samplers' samplers, as diffusers'
+pipelines run them. `save` writes a (fine-tuned) pipeline back as a diffusers folder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ddpm import convert, samplers, schedules
 from latent import autoencoder, clip, guidance
 from latent.unet import ConditionalUNet
 
+PARTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 SINGLE_FILE = ('.ckpt', '.safetensors', '.pt', '.pth')  # The original SD checkpoint formats.
 PREDICTIONS = {'epsilon': 'eps', 'v_prediction': 'v', 'sample': 'x0'}
 
@@ -43,7 +45,7 @@ class Pipeline:
   tokenizer: clip.Tokenizer
   schedule: schedules.Schedule
   sampler_options: dict  # prediction, spacing, steps_offset, final_alpha_cumprod, clip_x0.
-  configs: dict | None = None  # The folder's own text_encoder and scheduler configs (`save`).
+  configs: dict | None = None  # The folder's own configs and model_index.json (`save`).
 
 
 def read_json(path: Path) -> dict:
@@ -161,6 +163,26 @@ def schedule_from_config(cfg: dict) -> tuple[schedules.Schedule, dict]:
   return schedule, options
 
 
+def _refuse_single_file(path: Path) -> None:
+  """A one-line error for the original single-file checkpoints (a .ckpt, or a folder of them)."""
+  if path.is_file():
+    single = path if path.suffix in SINGLE_FILE else None
+    if single is None:
+      raise errors.ConfigError(f'{path} is a file; pipeline must name a diffusers pipeline '
+                               'folder (the one holding model_index.json).')
+  elif (path / 'model_index.json').is_file() or (path / 'config.json').is_file():
+    return  # A pipeline folder (or one component of it: read_json names what is missing).
+  else:
+    single = next((p for p in sorted(path.glob('*')) if p.suffix in SINGLE_FILE), None)
+  if single is not None:
+    raise errors.ConfigError(
+        f'{single} is a single-file checkpoint (the original Stable Diffusion format); this '
+        'loader reads diffusers pipeline folders. Convert it once with diffusers: '
+        'StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) (or its script '
+        'scripts/convert_original_stable_diffusion_to_diffusers.py --checkpoint_path FILE '
+        '--dump_path DIR), then pass DIR.')
+
+
 def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
   """Every part of a diffusers Stable Diffusion pipeline folder, as our modules.
 
@@ -172,26 +194,21 @@ def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
   its share of every large array, so a pipeline larger than one device fits.
   """
   folder = Path(folder)
-  single = folder if folder.is_file() else next(
-      (p for p in sorted(folder.glob('*')) if p.suffix in SINGLE_FILE), None)
-  if single is not None and not (folder / 'model_index.json').is_file():
-    raise errors.ConfigError(
-        f'{single} is a single-file checkpoint (the original Stable Diffusion format); this '
-        'loader reads diffusers pipeline folders. Convert it once with diffusers: '
-        'StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) (or its script '
-        'scripts/convert_original_stable_diffusion_to_diffusers.py --checkpoint_path FILE '
-        '--dump_path DIR), then pass DIR.')
+  _refuse_single_file(folder)
   index = read_json(folder / 'model_index.json')
-  for part in ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'):
+  for part in PARTS:
     if part not in index:
       raise errors.ConfigError(f'{folder}/model_index.json has no {part!r}: not a Stable '
                                'Diffusion pipeline.')
-  # Every config is read and checked before any weights are.
-  unet = unet_from_config(read_json(folder / 'unet' / 'config.json'), dtype)
-  schedule, options = schedule_from_config(
-      read_json(folder / 'scheduler' / 'scheduler_config.json'))
-  configs = {'text_encoder': read_json(folder / 'text_encoder' / 'config.json'),
+  # Every config is read and checked before any weights are; `save` writes them back.
+  configs = {'model_index': index, 'unet': read_json(folder / 'unet' / 'config.json'),
+             'vae': read_json(folder / 'vae' / 'config.json'),
+             'text_encoder': read_json(folder / 'text_encoder' / 'config.json'),
              'scheduler': read_json(folder / 'scheduler' / 'scheduler_config.json')}
+  unet = unet_from_config(configs['unet'], dtype)
+  autoencoder.from_diffusers_config(configs['vae'], dtype, str(folder / 'vae' / 'config.json'))
+  clip.from_config(configs['text_encoder'], dtype)
+  schedule, options = schedule_from_config(configs['scheduler'])
   tokenizer = clip.Tokenizer(folder / 'tokenizer',
                              table_size=configs['text_encoder'].get('vocab_size'))
 
@@ -199,6 +216,8 @@ def load(folder: str | Path, dtype=jnp.float32, mesh=None) -> Pipeline:
     """Weights that do not fit the config: one error naming the component and the tensor."""
     try:
       return fn(folder / part, *args)
+    except errors.UserError:
+      raise
     except (KeyError, ValueError) as e:
       raise errors.ConfigError(f'{folder / part}: {e.args[0] if e.args else e}') from e
 
@@ -226,29 +245,31 @@ def save(pipe: Pipeline, folder: str | Path) -> Path:
     raise errors.WorkdirError(f'{folder} exists; pick a new folder for the pipeline.')
   if pipe.configs is None:
     raise errors.ConfigError('Only a pipeline made by pipeline.load (it keeps the folder\'s '
-                             'text encoder and scheduler configs) can be saved as one.')
+                             'configs) can be saved as one.')
   if pipe.text_encoder.added_tokens and pipe.tokenizer.base_size != pipe.tokenizer.table_size:
     raise errors.ConfigError('The tokenizer has fewer tokens than the text encoder\'s table, so '
                              'added tokens would get other ids in transformers.')
   tmp = folder.with_name(folder.name + '.tmp')
   if tmp.exists():
     shutil.rmtree(tmp)  # A save that was killed.
-  save_unet(tmp / 'unet', pipe.unet, pipe.unet_params, pipe.text_encoder.hidden_size)
-  save_vae(tmp / 'vae', pipe.vae, pipe.vae_params, pipe.scaling_factor)
+  # The folder's own configs (every key, e.g. upcast_attention), with our weights.
+  own = lambda part: {k: v for k, v in pipe.configs[part].items() if not k.startswith('_')}
+  convert.save_diffusers_folder(tmp / 'unet', 'UNet2DConditionModel', own('unet'),
+                                pipe.unet_params)
+  convert.save_diffusers_folder(tmp / 'vae', 'AutoencoderKL',
+                                dict(own('vae'), scaling_factor=pipe.scaling_factor),
+                                pipe.vae_params)
   clip.save(tmp / 'text_encoder', pipe.text_encoder, pipe.text_params,
             pipe.configs['text_encoder'])
   pipe.tokenizer.tokenizer.save_pretrained(str(tmp / 'tokenizer'))
   (tmp / 'scheduler').mkdir()
   (tmp / 'scheduler' / 'scheduler_config.json').write_text(
       json.dumps(pipe.configs['scheduler'], indent=2) + '\n')
-  index = {'_class_name': 'StableDiffusionPipeline', '_diffusers_version': '0.30.0',
-           'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
-           'text_encoder': ['transformers', 'CLIPTextModel'],
-           'tokenizer': ['transformers', 'CLIPTokenizer'],
-           'scheduler': ['diffusers', pipe.configs['scheduler'].get('_class_name',
-                                                                    'DDIMScheduler')],
-           'safety_checker': [None, None], 'feature_extractor': [None, None],
-           'requires_safety_checker': False}
+  # Parts not written here (a safety checker) are left out of the index.
+  index = {k: v for k, v in pipe.configs['model_index'].items()
+           if k.startswith('_') or not isinstance(v, list) or k in PARTS}
+  index.update(safety_checker=[None, None], feature_extractor=[None, None],
+               requires_safety_checker=False)
   (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
   tmp.rename(folder)
   return folder
@@ -284,8 +305,9 @@ def sampler_options(pipe: Pipeline, sampler: str) -> dict:
 
 def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
                    karras: bool = False, strength: float = 1.0, inpaint: bool = False):
-  """jit(fn(noise, context, negative_context, guidance_scale, rng, init_z0=None, keep=None) ->
-  (images in [-1, 1], the final latents)): SD's text-to-image with classifier-free guidance.
+  """jit(fn(noise, context, negative_context, guidance_scale, rng, init_z0=None, keep=None,
+  masked_z0=None) -> (images in [-1, 1], the final latents)): SD's text-to-image with
+  classifier-free guidance.
 
   As diffusers' img2img and inpainting pipelines: `init_z0` (scaled latents of a picture)
   starts the last int(strength * num_steps) steps from the picture noised with `noise`;

@@ -330,7 +330,8 @@ def test_sd_samplers_reach_the_data_distribution():
     ('euler', 1.0, True), ('ddim', 0.6, True), ('unipc', 0.7, True),
 ])
 def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength, inpaint):
-  """The loops of diffusers' img2img and inpainting pipelines (4-channel U-Net): start
+  """The loops of diffusers' img2img and inpainting pipelines (4-channel U-Net), written out
+  here around diffusers' own schedulers (the pipelines themselves: test_latent_pipeline): start
   int(S * strength) steps from the end at the picture noised with the initial noise
   (set_begin_index, add_noise), and after every scheduler step re-impose the kept region
   noised to the next step's level with that same noise."""

@@ -345,8 +345,8 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
 
 def test_textual_inversion_on_a_pipeline_loads_in_diffusers_with_our_images(sd_folder,
                                                                            concept_dir, tmp_path):
-  """Textual inversion on a pipeline's CLIP: only the new token's row trains (starting from
-  the init word's), and diffusers' load_textual_inversion reads our learned_embeds file and
+  """Textual inversion on a pipeline's CLIP: only the new token's row trains (away from the
+  init word's), and diffusers' load_textual_inversion reads our learned_embeds file and
   draws what we draw with it (sd_pipeline.py's sample.embeddings)."""
   import copy  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top

@@ -305,6 +305,9 @@ def _edit_json(path, **changes):
     ('pickles', errors.MissingFileError, r'only PyTorch pickle weights \(diffusion_pytorch_model'
                                          r'\.bin\)'),
     ('ckpt', errors.ConfigError, r'v1-5-pruned\.ckpt is a single-file checkpoint.*from_single_file'),
+    ('component', errors.MissingFileError, r'unet/model_index\.json not found'),
+    ('truncated', errors.DataError, r'unet/diffusion_pytorch_model\.safetensors cannot be read'),
+    ('vae_variant', errors.ConfigError, r'vae/config\.json describes an AutoencoderKL variant'),
 ])
 def test_bad_pipeline_folders_are_named(sd_folder, tmp_path, damage, error, message):
   import shutil  # pylint: disable=g-import-not-at-top
@@ -316,6 +319,14 @@ def test_bad_pipeline_folders_are_named(sd_folder, tmp_path, damage, error, mess
     _edit_json(folder / 'unet' / 'config.json', addition_embed_type='text_time')
   elif damage == 'wider_unet':
     _edit_json(folder / 'unet' / 'config.json', block_out_channels=[16, 48])
+  elif damage == 'component':
+    folder = folder / 'unet'  # One part, not the pipeline.
+  elif damage == 'truncated':
+    weights = folder / 'unet' / 'diffusion_pytorch_model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:1000])
+  elif damage == 'vae_variant':  # Found before any weights are read.
+    _edit_json(folder / 'vae' / 'config.json', use_quant_conv=False)
+    (folder / 'unet' / 'diffusion_pytorch_model.safetensors').unlink()
   elif damage == 'pickles':
     weights = folder / 'unet' / 'diffusion_pytorch_model.safetensors'
     weights.rename(weights.with_suffix('.bin'))
