@@ -262,7 +262,7 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(base, concept_dir
   fails('no .*image|No image', **{'data.path': str(empty)})
   fails("'digit' is already in the base's vocabulary", method='textual_inversion',
         **{'concept.token': 'digit', 'concept.instance_prompt': 'digit'})
-  fails("init_word='purple' is not in the base's vocabulary", method='textual_inversion',
+  fails("init_word='purple' is not one token of the base's vocabulary", method='textual_inversion',
         **{'concept.init_word': 'purple'})
   vae_dir = json.loads((base / 'config.json').read_text())['vae_workdir']
   fails('is not a text LDM', **{'base_workdir': vae_dir})
