@@ -8,11 +8,12 @@ devices, and each message names the offending key.
 from __future__ import annotations
 
 import difflib
+import pathlib
 from typing import Any, Iterable, Mapping
 
 import ml_collections
 
-from common.errors import ConfigError, UnknownKeyError
+from common.errors import ConfigError, MissingFileError, UnknownKeyError
 
 
 def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -61,6 +62,13 @@ def flatten(config: Mapping, prefix: str = '') -> dict[str, Any]:
     else:
       out[f'{prefix}{k}'] = v
   return out
+
+
+def check_exists(path: str, name: str, folder_ok: bool = False) -> None:
+  """A named input file (or, with folder_ok, folder) exists: checked before any compute."""
+  p = pathlib.Path(path)
+  if not (p.is_file() or (folder_ok and p.is_dir())):
+    raise MissingFileError(f'{name}={path!r} does not exist.')
 
 
 def parse_weighted_path(spec: str, name: str) -> tuple[str, float]:

@@ -152,6 +152,10 @@ def test_sample_command_writes_numbered_images(sd_folder, tmp_path):
   bad = subprocess.run(command[:6] + ['--config.pipeline=/nowhere'], cwd=repo,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and 'error: /nowhere/model_index.json not found' in bad.stderr
+  bad = subprocess.run(command + ['--config.sample.init_image=/nowhere.png'], cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "sample.init_image='/nowhere.png' does not exist" in bad.stderr
+  assert 'loading the pipeline' not in bad.stderr  # Found before any weights are read.
   # Inpainting the first picture with a sigma sampler, from the command line.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   mask = np.zeros((16, 16), np.uint8)

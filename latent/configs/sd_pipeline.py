@@ -72,7 +72,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_range(s.strength, 0.0, 1.0, 'sample.strength')
   if s.mask and not s.init_image:
     raise ValueError('sample.mask (inpainting) needs sample.init_image, the picture to complete.')
+  # Every input file exists before the pipeline's weights are read.
   for i, spec in enumerate(s.adapters):
-    config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')
+    config_lib.check_exists(config_lib.parse_weighted_path(spec, f'sample.adapters[{i}]')[0],
+                            f'sample.adapters[{i}]')
+  embeddings = [s.embeddings] if isinstance(s.embeddings, str) else list(s.embeddings)
+  for i, path in enumerate(embeddings):
+    config_lib.check_exists(path, f'sample.embeddings[{i}]')
+  if s.init_image:
+    config_lib.check_exists(s.init_image, 'sample.init_image', folder_ok=True)
+  if s.mask:
+    config_lib.check_exists(s.mask, 'sample.mask')
   if not (s.prompts or s.prompt_file):
     raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')
