@@ -206,9 +206,8 @@ class Tokenizer:
   @property
   def ids(self) -> dict[str, int]:
     """Every token's id (BPE pieces end in '</w>'; added tokens are whole words)."""
-    shift = self.table_size - self.base_size
-    return {t: i + shift if i >= self.base_size else i
-            for t, i in self.tokenizer.get_vocab().items()}
+    vocab = self.tokenizer.get_vocab()
+    return dict(zip(vocab, self._our_id(np.fromiter(vocab.values(), int)).tolist()))
 
   @property
   def vocab_size(self) -> int:

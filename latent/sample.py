@@ -103,6 +103,19 @@ def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
   return (np.asarray(gray, np.float32) < 128).astype(np.float32)[None, :, :, None]
 
 
+def read_picture_and_mask(s, n: int, image_size: int, latent_size: int):
+  """(uint8 pictures [n, size, size, 3] cycling over sample.init_image, keep [n, h, w, 1] of
+  sample.mask): None for what the config does not name."""
+  if not s.init_image:
+    return None, None
+  pictures = read_init_images(s.init_image, image_size)
+  pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
+  keep = None
+  if s.mask:
+    keep = np.broadcast_to(read_mask(s.mask, latent_size), (n, latent_size, latent_size, 1))
+  return pictures, keep
+
+
 def write_captioned(images: np.ndarray, prompts: list[str], num_per_prompt: int, out: Path,
                     caption_for, guidance_scale: float) -> None:
   """OUT/1.jpg ..., OUT/captions.tsv (file, caption_for(prompt)) and a captioned grid beside."""
@@ -136,15 +149,12 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
   pipe = pipeline_lib.with_embeddings(pipe, s.embeddings)
   all_prompts = [p for p in prompts for _ in range(s.num_per_prompt)]
   n, size, channels = len(all_prompts), pipe.unet.sample_size, pipe.vae.latent_channels
-  init_z0 = keep = masked_z0 = None
-  if s.init_image:
-    pictures = read_init_images(s.init_image, size * pipe.vae.downsampling_factor)
-    pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
+  pictures, keep = read_picture_and_mask(s, n, size * pipe.vae.downsampling_factor, size)
+  init_z0 = masked_z0 = None
+  if pictures is not None:
     init_z0 = pipeline_lib.encode_images(pipe, pictures, batch_size=s.batch_size)
-    if s.mask:
-      keep = np.broadcast_to(read_mask(s.mask, size), (n, size, size, 1))
-      if pipe.unet.in_channels > channels:  # An inpainting U-Net sees the masked picture.
-        masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)
+  if keep is not None and pipe.unet.in_channels > channels:  # An inpainting U-Net sees the
+    masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)  # masked picture.
   sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
                                           strength=s.strength if s.init_image else 1.0,
                                           inpaint=keep is not None)
@@ -181,16 +191,12 @@ def generate(config, workdir: str | Path) -> Path:
   ids = np.repeat(conds.prompt_ids(prompts), s.num_per_prompt, axis=0)
   n, u = len(ids), model.unet
 
-  init_z0 = keep = None
-  strength = 1.0
-  if s.init_image:
-    pictures = read_init_images(s.init_image, config.data.image_size)
-    pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
+  pictures, keep = read_picture_and_mask(s, n, config.data.image_size, u.sample_size)
+  init_z0, strength = None, 1.0
+  if pictures is not None:
     init_z0 = vae_train.encode_images(stage1.model, stage1.params, stage1.scale_factor,
                                       pictures, s.batch_size)  # Posterior means, scaled.
     strength = s.strength
-    if s.mask:
-      keep = np.broadcast_to(read_mask(s.mask, u.sample_size), (n, u.sample_size, u.sample_size, 1))
   sample_fn = train.make_sample_fn(config, model, exp.schedule, stage1, strength=strength,
                                    inpaint=keep is not None, options=exp.sampler_options())
 
