@@ -173,46 +173,66 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, chans[0]).astype(self.dtype)
     return TimestepEmbedding(4 * chans[0], self.dtype, name='time_embedding')(temb)
 
-  @nn.compact
-  def __call__(self, x, t, train: bool = False, context=None, context_mask=None):
-    """eps/x0/v prediction for x [B, H, W, C] at t [B]; `context` [B, L, D] (with
-    `context_mask` [B, L]) is the conditioning sequence of cross-attention subclasses."""
-    if x.ndim != 4 or x.shape[1:] != (self.sample_size, self.sample_size, self.in_channels):
-      raise ValueError(f'UNet expects [B, {self.sample_size}, {self.sample_size}, '
-                       f'{self.in_channels}] inputs, got {x.shape}.')
-    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-    chans = tuple(self.block_out_channels)
-    temb = self.embed_time(t, train)
-    kw = dict(groups=self.norm_groups, eps=self.norm_eps, dtype=self.dtype)
-    resnet_cls = self.block(ResnetBlock, static_argnums=(3,))  # `train` (self is 0) is static.
-    resnet = lambda c, name: resnet_cls(c, self.dropout, name=name, **kw)
-    attention = lambda name, h: self.attend(name, h, context, context_mask)
-    attn_levels = self.attention_levels()
+  def resnet(self, channels: int, name: str):
+    cls = self.block(ResnetBlock, static_argnums=(3,))  # `train` (self is 0) is static.
+    return cls(channels, self.dropout, self.norm_groups, self.norm_eps, self.dtype, name=name)
 
-    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
+  def check_input(self, x):
+    if x.ndim != 4 or x.shape[1:] != (self.sample_size, self.sample_size, self.in_channels):
+      raise ValueError(f'{type(self).__name__} expects [B, {self.sample_size}, '
+                       f'{self.sample_size}, {self.in_channels}] inputs, got {x.shape}.')
+
+  def encode(self, h, temb, train: bool, context, context_mask):
+    """The down blocks and the mid block from conv_in's output: (h, skips), skips being
+    every output the up blocks concatenate (conv_in's, each layer's, each downsampler's)."""
+    chans = tuple(self.block_out_channels)
+    attn_levels = self.attention_levels()
     skips = [h]
     for i, c in enumerate(chans):
       for j in range(self.layers_per_block):
-        h = resnet(c, f'down_blocks_{i}.resnets_{j}')(h, temb, train)
+        h = self.resnet(c, f'down_blocks_{i}.resnets_{j}')(h, temb, train)
         if attn_levels[i]:
-          h = attention(f'down_blocks_{i}.attentions_{j}', h)
+          h = self.attend(f'down_blocks_{i}.attentions_{j}', h, context, context_mask)
         skips.append(h)
       if i < len(chans) - 1:
         h = Downsample(self.dtype, name=f'down_blocks_{i}.downsamplers_0')(h)
         skips.append(h)
 
-    h = resnet(chans[-1], 'mid_block.resnets_0')(h, temb, train)
+    h = self.resnet(chans[-1], 'mid_block.resnets_0')(h, temb, train)
     if self.mid_attention:
-      h = attention('mid_block.attentions_0', h)
-    h = resnet(chans[-1], 'mid_block.resnets_1')(h, temb, train)
+      h = self.attend('mid_block.attentions_0', h, context, context_mask)
+    h = self.resnet(chans[-1], 'mid_block.resnets_1')(h, temb, train)
+    return h, skips
 
+  @nn.compact
+  def __call__(self, x, t, train: bool = False, context=None, context_mask=None, control=None):
+    """eps/x0/v prediction for x [B, H, W, C] at t [B]; `context` [B, L, D] (with
+    `context_mask` [B, L]) is the conditioning sequence of cross-attention subclasses.
+    `control` = (down residuals, mid residual), a ControlNet's output (latent.controlnet),
+    is added to the skip connections and to the mid block's output, as diffusers'
+    down_block_additional_residuals / mid_block_additional_residual."""
+    self.check_input(x)
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    chans = tuple(self.block_out_channels)
+    temb = self.embed_time(t, train)
+    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
+    h, skips = self.encode(h, temb, train, context, context_mask)
+    if control is not None:
+      down, mid = control
+      if len(down) != len(skips):
+        raise ValueError(f'control has {len(down)} down residuals; this U-Net has {len(skips)} '
+                         'skip connections.')
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down)]
+      h = h + mid.astype(h.dtype)
+
+    attn_levels = self.attention_levels()
     for i, c in enumerate(reversed(chans)):
       level = len(chans) - 1 - i
       for j in range(self.layers_per_block + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = resnet(c, f'up_blocks_{i}.resnets_{j}')(h, temb, train)
+        h = self.resnet(c, f'up_blocks_{i}.resnets_{j}')(h, temb, train)
         if attn_levels[level]:
-          h = attention(f'up_blocks_{i}.attentions_{j}', h)
+          h = self.attend(f'up_blocks_{i}.attentions_{j}', h, context, context_mask)
       if level > 0:
         h = Upsample(self.dtype, name=f'up_blocks_{i}.upsamplers_0')(h)
 

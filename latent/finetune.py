@@ -10,6 +10,8 @@ by the parameter rules (common.params), so it gets no gradient and no optimiser 
   dreambooth         unet/ (+ encoder/ with train_text_encoder) the checkpoint (sample the run)
   textual_inversion  encoder/added_token_embedding              learned_embeds.safetensors
   hypernetwork       hypernetwork/ (latent.hypernetwork)        hypernetwork.safetensors
+  controlnet         controlnet/ (latent.controlnet)            controlnet/ (a diffusers
+                                                                ControlNetModel folder)
 
 A token the base has never seen joins the vocabulary as an added row of the text
 encoder (latent.embeddings); every method then also writes that row as
@@ -26,6 +28,10 @@ method trains it with the same step: the LoRA file loads with diffusers'
 `load_lora_weights`, the textual-inversion token (a new row of CLIP's table) with
 `load_textual_inversion`, and DreamBooth writes the fine-tuned pipeline as a diffusers
 folder, WORKDIR/pipeline.
+
+A ControlNet run trains on any image folder: each image's control map (Canny edges or a
+scribble, controlnet.detector) is made once, mirrored with its image, and fed to the
+ControlNet beside its caption (dropped to the null context with controlnet.drop_prompt).
 """
 
 from __future__ import annotations
@@ -47,19 +53,21 @@ from common import data, errors, experiment, imageio, logs, loop, lora, mesh as 
 from common import params as params_lib
 from latent import conditions as conditions_lib
 from latent import clip, embeddings, hypernetwork, train
+from latent import controlnet as controlnet_lib
 from latent.configs import finetune_base, ldm_base
-from latent.unet import ConditionalUNet
+from latent.unet import ConditionalUNet, controlled_unet
 
 CLASS_IMAGES = 'class_images'
 PIPELINE = 'pipeline'  # DreamBooth on a pipeline folder: the fine-tuned pipeline.
 ARTEFACTS = {'lora': 'lora.safetensors', 'textual_inversion': embeddings.FILENAME,
-             'hypernetwork': 'hypernetwork.safetensors'}
+             'hypernetwork': 'hypernetwork.safetensors', 'controlnet': controlnet_lib.FOLDER}
 TRAINABLE = {
     'lora': (('.*/lora_[AB]', True), ('.*', False)),
     'dreambooth': (('unet/.*', True), ('.*', False)),
     'dreambooth+text': (('(unet|encoder)/.*', True), ('.*', False)),
     'textual_inversion': (('encoder/' + embeddings.PARAM, True), ('.*', False)),
     'hypernetwork': ((hypernetwork.KEY + '/.*', True), ('.*', False)),
+    'controlnet': (('controlnet/.*', True), ('.*', False)),
 }
 
 
@@ -191,6 +199,7 @@ class PipelineDenoiser(nn.Module):
   unet: ConditionalUNet
   encoder: clip.CLIPTextModel
   null_ids: tuple[int, ...]
+  controlnet: nn.Module | None = None
 
   def encode(self, ids):
     return self.encoder(ids), jnp.ones(ids.shape, bool)  # SD's U-Net sees every token.
@@ -199,9 +208,10 @@ class PipelineDenoiser(nn.Module):
     return self.encode(jnp.broadcast_to(jnp.asarray(self.null_ids, jnp.int32),
                                         (batch_size, len(self.null_ids))))
 
-  def __call__(self, z, t, context, mask, train: bool = False):
+  def __call__(self, z, t, context, mask, train: bool = False, control=None,
+               control_scale=1.0, guess_mode: bool = False):
     del mask
-    return self.unet(z, t, train, context=context)
+    return controlled_unet(self, z, t, context, None, train, control, control_scale, guess_mode)
 
 
 class ClipConditions:
@@ -235,10 +245,11 @@ class ClipConditions:
         json.dumps({'kind': self.kind, 'pipeline': str(self.folder)}))
 
 
-def resolve_pipeline(config: ml_collections.ConfigDict) -> None:
+def resolve_pipeline(config: ml_collections.ConfigDict) -> int:
   """Fills `config` in place from a pipeline folder's configs (no weights read): the
   prediction type and schedule length, the context width, the image size the U-Net was
-  built for; the LDM keys the step reads keep ldm_base's defaults."""
+  built for; the LDM keys the step reads keep ldm_base's defaults. Returns the VAE's
+  downsampling factor."""
   from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   folder = Path(config.pipeline)
   unet_cfg = pipeline_lib.read_json(folder / 'unet' / 'config.json')
@@ -256,6 +267,7 @@ def resolve_pipeline(config: ml_collections.ConfigDict) -> None:
   config.sample.spacing = options['spacing']
   config.sample.clip_x0 = options['clip_x0']
   config.vae_workdir = str(folder / 'vae')  # Read from the pipeline, not a stage-1 run.
+  return 2 ** (len(vae_cfg['block_out_channels']) - 1)
 
 
 class PairedBatches:
@@ -290,10 +302,12 @@ class Experiment(train.Experiment):
     config = self.config
     finetune_base.validate(config)
     if config.pipeline:
-      resolve_pipeline(config)
+      vae_factor = resolve_pipeline(config)
       self.base_config = None
     else:
       self.base_config = resolve(config)
+    if config.method == 'controlnet':
+      config.conditioning.dropout_prob = config.controlnet.drop_prompt
     if not config.sample.prompts:
       config.sample.prompts = (finetune_base.instance_prompt(config),)
     if not config.train.grid_prompts:
@@ -309,6 +323,14 @@ class Experiment(train.Experiment):
     if not config.pipeline:
       self.stage1 = train.Stage1(config.vae_workdir)
       ldm_base.validate_values(config, self.stage1.factor)
+      vae_factor = self.stage1.factor
+    stages = len(config.controlnet.embedding_channels) - 1
+    if config.method == 'controlnet' and 2 ** stages != vae_factor:
+      raise errors.ConfigError(
+          f'controlnet.embedding_channels={tuple(config.controlnet.embedding_channels)} '
+          f'downsamples the control image {2 ** stages}x; the VAE\'s factor is {vae_factor}: '
+          f'give it {vae_factor.bit_length()} widths, e.g. '
+          f'{(16, 32, 96, 256)[:vae_factor.bit_length()]}.')
 
   def load_base(self):
     """The base's weights with the concept token, and the conditions (vocabulary)."""
@@ -323,6 +345,9 @@ class Experiment(train.Experiment):
       self.base = restore_base(self.base_config, self.config.base_workdir, self.stage1,
                                self.mesh)
     base_params, base_conds = self.base  # Kept for DreamBooth's prior images.
+    if self.config.method == 'controlnet':  # No concept: the base's vocabulary.
+      self.conds, self.base_params = base_conds, base_params
+      return
     # The vocabulary is the base's plus the token, whether starting or resuming.
     self.conds, self.base_params = concept_conditions(self.config, base_conds, base_params)
 
@@ -335,8 +360,13 @@ class Experiment(train.Experiment):
     if self.config.pipeline:
       null_ids = tuple(int(i) for i in self.pipe.tokenizer([''])[0][0])
       encoder = self.pipe.text_encoder.clone(added_tokens=self.conds.added_tokens)
-      return PipelineDenoiser(self.pipe.unet, encoder, null_ids)
-    return train.build_model(self.config, self.conds, self.stage1)
+      model = PipelineDenoiser(self.pipe.unet, encoder, null_ids)
+    else:
+      model = train.build_model(self.config, self.conds, self.stage1)
+    if self.config.method == 'controlnet':
+      model = model.clone(controlnet=controlnet_lib.from_unet(
+          model.unet, embedding_channels=self.config.controlnet.embedding_channels))
+    return model
 
   def base_model(self):
     """The model the base's own parameters fit (no added token rows)."""
@@ -361,13 +391,19 @@ class Experiment(train.Experiment):
   def setup(self):
     config, workdir = self.config, self.workdir
     self.load_base()
-    images = data.load_dataset(config.data)
-    prompt = finetune_base.instance_prompt(config)
-    self.conds.prompt_ids([prompt])  # Warns about words the base has never seen.
-    ids, _ = self.conds.training_ids([prompt] * len(images))
-    logging.info('Concept: %d images captioned %r; method %s.', len(images), prompt, config.method)
+    if config.method == 'controlnet':
+      images, ids, maps = self.control_examples()
+    else:
+      images = data.load_dataset(config.data)
+      prompt = finetune_base.instance_prompt(config)
+      self.conds.prompt_ids([prompt])  # Warns about words the base has never seen.
+      ids, _ = self.conds.training_ids([prompt] * len(images))
+      logging.info('Concept: %d images captioned %r; method %s.', len(images), prompt,
+                   config.method)
     self.examples = {'ids': ids, **train.latent_cache(
         workdir, self.stage1, images, config.sample.batch_size, 'concept_latents.npz')}
+    if config.method == 'controlnet':
+      self.examples['control'] = maps
     self.prior = None
     if config.finetune.prior_preservation:
       base_params, base_conds = self.base
@@ -378,11 +414,31 @@ class Experiment(train.Experiment):
           workdir, self.stage1, prior, config.sample.batch_size, 'class_latents.npz')}
     self.vae_params = mesh_lib.place(self.stage1.params, self.mesh)
 
+  def control_examples(self):
+    """(images, condition ids, uint8 control maps) of a ControlNet run's data: captioned
+    where the data has captions (a captions.tsv, the digits), else the empty prompt."""
+    c, n = self.config.data, self.config.controlnet
+    try:
+      images, captions = data.load_captioned_dataset(c)
+    except errors.MissingFileError:  # No captions.tsv: the control maps alone.
+      images = data.load_dataset(c)
+      captions = [''] * len(images)
+    images, ids = train.build_dataset(self.conds, images, captions)
+    with logs.Timed(f'making {n.detector} control maps of {len(images)} images'):
+      maps = controlnet_lib.control_maps(images, n.detector, n.low_threshold, n.high_threshold,
+                                         n.thickness)
+    logging.info('ControlNet data: %d images, %.1f%% edge pixels in their maps.', len(images),
+                 100 * float((maps[..., 0] > 0).mean()))
+    return images, ids, maps
+
   def init_state(self):
     config = self.config
     params = self.base_params
     rng = jax.random.PRNGKey(config.seed)
-    if config.method == 'lora':
+    if config.method == 'controlnet':
+      params = {**params, 'controlnet': controlnet_lib.init_params(
+          self.model.controlnet, params['unet'], rng, config.conditioning.width)}
+    elif config.method == 'lora':
       params = lora.add(params, rng, config.lora.rank, config.lora.alpha or None,
                         config.lora.targets)
     elif config.method == 'hypernetwork':
@@ -410,7 +466,31 @@ class Experiment(train.Experiment):
     def save(step, state):
       if step < t.num_steps:  # The last one is `finish`'s.
         self.write_artefact(state)
-    return super().hooks(writer) + [loop.Hook(t.checkpoint_every, save, 'writing the artefact')]
+    grids = self.control_grid_hook(writer) if self.config.method == 'controlnet' else \
+        super().hooks(writer)
+    return grids + [loop.Hook(t.checkpoint_every, save, 'writing the artefact')]
+
+  def control_grid_hook(self, writer):
+    """Grids of (control map | sample) pairs for the first training examples' maps."""
+    config, t = self.config, self.config.train
+    k = max(1, min(8, t.num_grid_samples // 2))
+    maps, ids = self.examples['control'][:k], self.examples['ids'][:k]
+    grid_fn = train.make_sample_fn(config, self.model, self.schedule, self.stage1,
+                                   options=self.sampler_options())
+    u = self.model.unet
+    noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1),
+                              (len(ids), u.sample_size, u.sample_size, u.in_channels))
+
+    def write_grid(step, state):
+      params = self.rules.with_ema(state.params, state.ema_params)
+      x = grid_fn(params, self.vae_params, jax.random.PRNGKey(config.seed + 2), ids, noise,
+                  config.sample.guidance_scale, None, None, controlnet_lib.as_input(maps))
+      grid = controlnet_lib.control_grid(maps, imageio.to_uint8(mesh_lib.gather(x)))
+      logs.write_image_grid(writer, step, 'control_grid', grid)
+      if jax.process_index() == 0:
+        imageio.save_image(grid, self.workdir / 'samples_during_training' / f'{step:08d}.png')
+
+    return [loop.Hook(t.sample_every, write_grid, 'sampling the control grid')]
 
   def finish(self, state, ckpt, writer, start):
     self.write_artefact(state)
@@ -431,14 +511,7 @@ class Experiment(train.Experiment):
                                text_params=params['encoder'], text_encoder=self.model.encoder)
     folder = self.workdir / PIPELINE
     with logs.Timed(f'writing the fine-tuned pipeline to {folder}'):
-      old = folder.with_name(PIPELINE + '.old')
-      if old.exists() and folder.exists():
-        shutil.rmtree(old)  # Left by a run killed after its last complete write.
-      if folder.exists():
-        folder.rename(old)  # Kept until the new one is whole.
-      pipeline_lib.save(pipe, folder)
-      if old.exists():
-        shutil.rmtree(old)
+      replace_folder(folder, lambda path: pipeline_lib.save(pipe, path))
     return folder
 
   def write_artefact(self, state) -> Path | None:
@@ -454,6 +527,8 @@ class Experiment(train.Experiment):
       parts[method] = lora.split(params)[1]
     elif method == 'hypernetwork':
       parts[method] = params[hypernetwork.KEY]
+    elif method == 'controlnet':
+      parts[method] = params['controlnet']
     if self.conds.added_tokens:
       parts['textual_inversion'] = embeddings.added_rows(params)
     parts = jax.tree.map(mesh_lib.gather, parts)
@@ -465,13 +540,31 @@ class Experiment(train.Experiment):
         lora.save(path, part)
       elif kind == 'hypernetwork':
         hypernetwork.save(path, part, tuple(self.config.hypernetwork.multipliers))
+      elif kind == 'controlnet':
+        replace_folder(path, lambda folder, part=part: controlnet_lib.save(
+            folder, self.model.controlnet, part, self.config.conditioning.width))
       else:
         token = self.config.concept.token
         tok = self.conds.tokenizer
         row = tok.ids[token] - (tok.vocab_size - self.conds.added_tokens)
         embeddings.save(path, [token], part[row:row + 1])
-      logging.info('Wrote %s (%.1f KiB).', path, path.stat().st_size / 1024)
+      size = sum(f.stat().st_size for f in path.rglob('*')) if path.is_dir() else \
+          path.stat().st_size
+      logging.info('Wrote %s (%.1f KiB).', path, size / 1024)
     return self.workdir / ARTEFACTS[method] if method in ARTEFACTS else None
+
+
+def replace_folder(folder: Path, write) -> None:
+  """write(folder) over an existing folder without ever leaving none whole: the old one is
+  kept as FOLDER.old until the new one is written."""
+  old = folder.with_name(folder.name + '.old')
+  if old.exists() and folder.exists():
+    shutil.rmtree(old)  # Left by a run killed after its last complete write.
+  if folder.exists():
+    folder.rename(old)
+  write(folder)
+  if old.exists():
+    shutil.rmtree(old)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

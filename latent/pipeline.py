@@ -26,6 +26,7 @@ import numpy as np
 from common import errors, imageio, mesh as mesh_lib
 from ddpm import convert, samplers, schedules
 from latent import autoencoder, clip, guidance
+from latent import controlnet as controlnet_lib
 from latent.unet import ConditionalUNet
 
 PARTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
@@ -304,10 +305,11 @@ def sampler_options(pipe: Pipeline, sampler: str) -> dict:
 
 
 def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
-                   karras: bool = False, strength: float = 1.0, inpaint: bool = False):
+                   karras: bool = False, strength: float = 1.0, inpaint: bool = False,
+                   controlnet: tuple | None = None, guess_mode: bool = False):
   """jit(fn(noise, context, negative_context, guidance_scale, rng, init_z0=None, keep=None,
-  masked_z0=None) -> (images in [-1, 1], the final latents)): SD's text-to-image with
-  classifier-free guidance.
+  masked_z0=None, control=None, control_scale=1.0) -> (images in [-1, 1], the final
+  latents)): SD's text-to-image with classifier-free guidance.
 
   As diffusers' img2img and inpainting pipelines: `init_z0` (scaled latents of a picture)
   starts the last int(strength * num_steps) steps from the picture noised with `noise`;
@@ -315,6 +317,11 @@ def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, e
   noised with that same noise, after every step. An inpainting U-Net (9 input channels,
   SD-inpainting) instead sees the mask and `masked_z0` (encode_images(..., keep): the
   picture with the repainted region grey) beside x_t, at any strength.
+
+  `controlnet` = (latent.controlnet.ControlNet, its params) steers the U-Net with the
+  `control` images [B, H, W, C] in [0, 1] at `control_scale`, as diffusers'
+  StableDiffusionControlNetPipeline; in `guess_mode` its residuals are scaled as diffusers'
+  guess mode and reach the conditional half of guidance's batch only.
   """
   options = sampler_options(pipe, sampler)
   channels = pipe.vae.latent_channels
@@ -326,9 +333,20 @@ def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, e
     raise errors.ConfigError('This pipeline\'s U-Net is an inpainting model (9 input channels): '
                              'give sample.init_image and sample.mask.')
 
+  if controlnet is not None and mask_channels:
+    raise errors.ConfigError('A ControlNet steers an SD U-Net with 4 input channels; this one is '
+                             'an inpainting U-Net.')
+
   def sample_fn(noise, context, negative, guidance_scale, rng, init_z0=None, keep=None,
-                masked_z0=None):
-    apply = lambda x, t, c, m: pipe.unet.apply({'params': pipe.unet_params}, x, t, context=c)
+                masked_z0=None, control=None, control_scale=1.0):
+    def apply(x, t, c, m):
+      del m  # SD's U-Net sees every token.
+      residuals = None
+      if control is not None:  # Guidance's batch is [conditional; unconditional].
+        model, params = controlnet
+        both, scale = controlnet_lib.for_guidance(control, control_scale, guess_mode)
+        residuals = model.apply({'params': params}, x, t, both, c, None, scale, guess_mode)
+      return pipe.unet.apply({'params': pipe.unet_params}, x, t, context=c, control=residuals)
     ones = jnp.ones(context.shape[:2], bool)
     model_fn = guidance.guided_model_fn(apply, context, ones, negative, ones, guidance_scale)
     inject = None
@@ -375,12 +393,14 @@ def encode_images(pipe: Pipeline, images_uint8: np.ndarray, keep: np.ndarray | N
 def generate(pipe: Pipeline, prompts: list[str], negative_prompt: str = '', seed: int = 0,
              guidance_scale: float = 7.5, latents: np.ndarray | None = None,
              init_z0: np.ndarray | None = None, keep: np.ndarray | None = None,
-             masked_z0: np.ndarray | None = None, **sampler_kwargs) -> np.ndarray:
+             masked_z0: np.ndarray | None = None, control: np.ndarray | None = None,
+             control_scale: float = 1.0, **sampler_kwargs) -> np.ndarray:
   """uint8 images [len(prompts), H, W, 3]; `latents` [B, h, w, 4] replaces the seeded noise.
 
   `init_z0` (scaled latents, e.g. encode_images) with sampler_kwargs strength < 1 is
   image-to-image; `keep` [B, h, w, 1] (1 = keep the picture) inpaints (an inpainting
-  U-Net also takes `masked_z0`).
+  U-Net also takes `masked_z0`); `control` [B, H, W, C] in [0, 1] steers sampler_kwargs'
+  `controlnet` at `control_scale`.
   """
   u = pipe.unet
   if latents is None:
@@ -391,5 +411,6 @@ def generate(pipe: Pipeline, prompts: list[str], negative_prompt: str = '', seed
   as_array = lambda a: None if a is None else jnp.asarray(a)
   images, _ = make_sample_fn(pipe, inpaint=keep is not None, **sampler_kwargs)(
       jnp.asarray(latents), context, negative, jnp.float32(guidance_scale),
-      jax.random.PRNGKey(seed + 1), as_array(init_z0), as_array(keep), as_array(masked_z0))
+      jax.random.PRNGKey(seed + 1), as_array(init_z0), as_array(keep), as_array(masked_z0),
+      as_array(control), control_scale)
   return imageio.to_uint8(np.asarray(images))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from common import errors, experiment, imageio, logs, lora, mesh as mesh_lib
 from latent import conditions as conditions_lib
-from latent import embeddings, hypernetwork, train, vae_train
+from latent import controlnet, embeddings, hypernetwork, train, vae_train
 from latent.configs import ldm_base
 
 
@@ -72,17 +72,33 @@ def read_prompts(s) -> list[str]:
   return [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
 
 
-def read_init_images(path: str | Path, size: int) -> np.ndarray:
-  """uint8 [N, size, size, 3] from one picture or a folder of them."""
+def read_init_images(path: str | Path, size: int, key: str = 'sample.init_image') -> np.ndarray:
+  """uint8 [N, size, size, 3] from one picture or a folder of them (resized to `size`)."""
   path = Path(path)
   if path.is_dir():
     return imageio.load_images(path, size=size)[0]
   if not path.is_file():
-    raise errors.MissingFileError(f'sample.init_image {path} does not exist.')
+    raise errors.MissingFileError(f'{key} {path} does not exist.')
   try:
     return imageio.read_image(path, size)[None]
   except OSError as e:
-    raise errors.DataError(f'sample.init_image {path} is not a readable image ({e}).') from e
+    raise errors.DataError(f'{key} {path} is not a readable image ({e}).') from e
+
+
+def read_control(config, n: int, size: int) -> np.ndarray | None:
+  """uint8 control maps [n, size, size, 3] cycling over sample.control_image's pictures (made
+  into maps with config.controlnet.detector unless sample.control_is_map); None if unset."""
+  s = config.sample
+  if not s.get('control_image'):
+    return None
+  pictures = read_init_images(s.control_image, size, 'sample.control_image')
+  if s.control_is_map:
+    maps = pictures
+  else:
+    c = config.controlnet
+    maps = controlnet.control_maps(pictures, c.detector, c.low_threshold, c.high_threshold,
+                                   c.thickness)
+  return np.resize(maps, (n, *maps.shape[1:]))  # Cycles over the pictures.
 
 
 def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
@@ -131,6 +147,15 @@ def write_captioned(images: np.ndarray, prompts: list[str], num_per_prompt: int,
                      out.parent / f'{out.name}_grid.png')
 
 
+def write_control_grid(maps: np.ndarray | None, images: np.ndarray, out: Path) -> None:
+  """OUT_control_grid.png beside OUT: each control map beside its image."""
+  if maps is None or jax.process_index() != 0:
+    return
+  grid = out.parent / f'{out.name}_control_grid.png'
+  imageio.save_image(controlnet.control_grid(maps, images), grid)
+  logging.info('Wrote the control maps beside their images to %s.', grid)
+
+
 def generate_from_pipeline(config, workdir: str | Path) -> Path:
   """Text-to-image, image-to-image or inpainting with a Stable Diffusion pipeline folder
   (latent/configs/sd_pipeline.py)."""
@@ -155,9 +180,14 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
     init_z0 = pipeline_lib.encode_images(pipe, pictures, batch_size=s.batch_size)
   if keep is not None and pipe.unet.in_channels > channels:  # An inpainting U-Net sees the
     masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)  # masked picture.
+  maps, cn = read_control(config, n, size * pipe.vae.downsampling_factor), None
+  if maps is not None:
+    cn = controlnet.load(config.controlnet.folder, pipe.unet, pipe.unet_params,
+                         pipe.text_encoder.hidden_size)
   sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
                                           strength=s.strength if s.init_image else 1.0,
-                                          inpaint=keep is not None)
+                                          inpaint=keep is not None, controlnet=cn,
+                                          guess_mode=s.guess_mode)
   negative = pipeline_lib.encode_prompts(pipe, [s.negative_prompt])
   rng, images = jax.random.PRNGKey(s.seed), []
   with logs.Timed(f'sampling {n} images with {s.sampler} x{s.num_steps} '
@@ -168,12 +198,14 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
       noise = jax.random.normal(noise_rng, (len(batch), size, size, channels))
       context = pipeline_lib.encode_prompts(pipe, batch)
       part = lambda a: None if a is None else jnp.asarray(a[i:i + len(batch)])
+      control = None if maps is None else controlnet.as_input(maps[i:i + len(batch)])
       x, _ = sample_fn(noise, context, jnp.repeat(negative, len(batch), axis=0),
                        jnp.float32(s.guidance_scale), step_rng, part(init_z0), part(keep),
-                       part(masked_z0))
+                       part(masked_z0), control, s.control_scale)
       images.append(imageio.to_uint8(mesh_lib.gather(x)))
-  write_captioned(np.concatenate(images), prompts, s.num_per_prompt, out, lambda p: p,
-                  s.guidance_scale)
+  images = np.concatenate(images)
+  write_captioned(images, prompts, s.num_per_prompt, out, lambda p: p, s.guidance_scale)
+  write_control_grid(maps, images, out)
   logging.info('Wrote %d images for %d prompts to %s.', len(all_prompts), len(prompts), out)
   return out
 
@@ -192,13 +224,15 @@ def generate(config, workdir: str | Path) -> Path:
   n, u = len(ids), model.unet
 
   pictures, keep = read_picture_and_mask(s, n, config.data.image_size, u.sample_size)
+  maps = read_control(config, n, config.data.image_size)
   init_z0, strength = None, 1.0
   if pictures is not None:
     init_z0 = vae_train.encode_images(stage1.model, stage1.params, stage1.scale_factor,
                                       pictures, s.batch_size)  # Posterior means, scaled.
     strength = s.strength
   sample_fn = train.make_sample_fn(config, model, exp.schedule, stage1, strength=strength,
-                                   inpaint=keep is not None, options=exp.sampler_options())
+                                   inpaint=keep is not None, options=exp.sampler_options(),
+                                   guess_mode=bool(s.get('guess_mode')))
 
   rng = jax.random.PRNGKey(s.seed)
   images = []
@@ -209,10 +243,13 @@ def generate(config, workdir: str | Path) -> Path:
       b = min(s.batch_size, n - i)
       noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
       part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
+      control = None if maps is None else controlnet.as_input(maps[i:i + b])
       x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
-                    s.guidance_scale, part(init_z0), part(keep))
+                    s.guidance_scale, part(init_z0), part(keep), control,
+                    s.get('control_scale', 1.0))
       images.append(imageio.to_uint8(mesh_lib.gather(x)))
   images = np.concatenate(images)
   write_captioned(images, prompts, s.num_per_prompt, out, conds.caption_for, s.guidance_scale)
+  write_control_grid(maps, images, out)
   logging.info('Wrote %d images for %d prompts to %s.', n, len(prompts), out)
   return out

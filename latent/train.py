@@ -24,7 +24,7 @@ from common import data, experiment, imageio, logs, loop, lora, mesh as mesh_lib
 from ddpm import diffusion, samplers
 from ddpm import train as ddpm_train
 from latent import conditions as conditions_lib
-from latent import guidance, hypernetwork, vae_train
+from latent import controlnet, guidance, hypernetwork, vae_train
 from latent.configs import ldm_base
 from latent.unet import ConditionalUNet, LatentDenoiser
 
@@ -123,42 +123,54 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, z0)
   # Per-example loss weights (fine-tuning's prior-preservation examples), else all 1.
   weight = batch.get('weight', jnp.ones((b,), jnp.float32))
+  inputs = {'ids': ids, 'dropped': dropped, 'z0': z0, 't': t, 'eps': eps, 'weight': weight}
+  if 'control' in batch:  # A ControlNet's uint8 control maps, mirrored with their images.
+    inputs['control'] = jnp.where(flip[:, None, None, None], batch['control'][:, :, ::-1],
+                                  batch['control'])
 
   def loss_fn(params, mb):
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     context, mask, null, null_mask = condition(model, params, mb['ids'])
     context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
+    control = mb['control'].astype(jnp.float32) / 255.0 if 'control' in mb else None
     model_fn = lambda zt, t: denoise(model, params, zt, t, context, mask, train=True,
-                                     rngs={'dropout': dropout_rng})
+                                     control=control, rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma,
                                     mb['weight'])
 
-  (loss, aux), grads = optim.value_and_grad(
-      loss_fn, state.params, rules,
-      {'ids': ids, 'dropped': dropped, 'z0': z0, 't': t, 'eps': eps, 'weight': weight},
-      config.train.grad_accum_steps)
+  (loss, aux), grads = optim.value_and_grad(loss_fn, state.params, rules, inputs,
+                                            config.train.grad_accum_steps)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return ddpm_train.apply_gradients(state, grads, tx, config.train, rules), metrics
 
 
 def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
                    strength: float = 1.0, inpaint: bool = False, decode: bool = True,
-                   options: dict | None = None):
-  """jit(fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0, keep) -> images).
+                   options: dict | None = None, guess_mode: bool = False):
+  """jit(fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0, keep, control,
+  control_scale) -> images).
 
   Classifier-free guided sampling with the config's sampler, decoded to [-1, 1].
   `init_z0` (scaled latents) starts image-to-image at `strength`; with `inpaint`,
   latents where `keep` [B, h, w, 1] is 1 are re-imposed from init_z0, noised to
   the current step, after every step (and exactly at the end). decode=False
   returns the scaled latents instead of images. `options` override the config's sampler
-  settings (a pipeline's steps_offset, say).
+  settings (a pipeline's steps_offset, say). `control` [B, H, W, C] in [0, 1] steers a
+  model with a ControlNet at `control_scale`; in `guess_mode` the ControlNet's residuals
+  are scaled as diffusers' guess mode and reach the conditional half only, as in its
+  pipeline.
   """
 
-  def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None):
+  def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None,
+                control=None, control_scale=1.0):
     params = lora.merged(params)
     context, mask, null, null_mask = condition(model, params, ids)
-    apply = lambda x, t, c, m: denoise(model, params, x, t, c, m)
+    extra = {}
+    if control is not None:
+      both, scale = controlnet.for_guidance(control, control_scale, guess_mode)
+      extra = dict(control=both, control_scale=scale, guess_mode=guess_mode)
+    apply = lambda x, t, c, m: denoise(model, params, x, t, c, m, **extra)
     model_fn = guidance.guided_model_fn(apply, context, mask, null, null_mask, guidance_scale)
     z0 = samplers.sample(schedule, model_fn, noise, rng,
                          **samplers.options_from_config(config, **(options or {})),

@@ -34,6 +34,19 @@ class ConditionalUNet(models.UNet):
                                      self.linear_projection, name=name)(h, context, context_mask)
 
 
+def controlled_unet(denoiser: nn.Module, z, t, context, mask, train: bool, control,
+                    control_scale, guess_mode: bool):
+  """denoiser.unet's output, steered by denoiser.controlnet's residuals of the `control`
+  images [B, H, W, C] in [0, 1] (none given: the U-Net alone)."""
+  residuals = None
+  if control is not None:
+    if denoiser.controlnet is None:
+      raise ValueError('A control image was given to a denoiser without a ControlNet.')
+    residuals = denoiser.controlnet(z, t, control, context, mask, control_scale, guess_mode,
+                                    train)
+  return denoiser.unet(z, t, train, context=context, context_mask=mask, control=residuals)
+
+
 class ClassEncoder(nn.Module):
   """Class ids [B, 1] -> a one-token context [B, 1, width] from an embedding table."""
   num_classes: int
@@ -56,6 +69,7 @@ class LatentDenoiser(nn.Module):
   encoder: nn.Module  # latent.text.TextEncoder or ClassEncoder: ids -> (context, mask).
   context_length: int
   width: int
+  controlnet: nn.Module | None = None  # latent.controlnet.ControlNet, steering the U-Net.
 
   def setup(self):
     self.null_context = self.param('null_context', nn.initializers.normal(0.02),
@@ -69,8 +83,9 @@ class LatentDenoiser(nn.Module):
     context = jnp.broadcast_to(self.null_context, (batch_size, *self.null_context.shape))
     return context, jnp.ones(context.shape[:2], bool)
 
-  def __call__(self, z, t, context, mask, train: bool = False):
-    return self.unet(z, t, train, context=context, context_mask=mask)
+  def __call__(self, z, t, context, mask, train: bool = False, control=None,
+               control_scale=1.0, guess_mode: bool = False):
+    return controlled_unet(self, z, t, context, mask, train, control, control_scale, guess_mode)
 
   def init_all(self, z, t, ids):
     """Touches every submodule, for `init(..., method=LatentDenoiser.init_all)`."""

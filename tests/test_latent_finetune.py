@@ -241,6 +241,97 @@ def test_dreambooth_with_prior_preservation_caches_class_images_and_freezes_the_
   assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
+def controlnet_config(base, **overrides):
+  from latent.configs import controlnet_demo  # pylint: disable=g-import-not-at-top
+  config = controlnet_demo.get_config()
+  config.base_workdir = str(base)
+  config.data.max_images = 256
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 0
+  t = config.train
+  t.batch_size = 16
+  t.num_steps = 120
+  t.log_every = 40
+  t.checkpoint_every = 120
+  t.sample_every = 120
+  t.num_grid_samples = 8
+  t.async_checkpoint = False
+  s = config.sample
+  s.num_steps = 4
+  s.batch_size = 4
+  s.num_per_prompt = 4
+  s.prompts = ('',)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.slow
+def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(base, tmp_path):
+  from latent import controlnet  # pylint: disable=g-import-not-at-top
+  from ddpm import diffusion  # pylint: disable=g-import-not-at-top
+  config = controlnet_config(base)
+  workdir = tmp_path / 'cn'
+  state = finetune.train_and_evaluate(config, str(workdir))
+  params0, _ = base_params(base)
+  assert changed(params0, state.params) == []  # The whole base is bit-identical.
+  zero_convs = state.params['controlnet']['controlnet_mid_block']['kernel']
+  assert float(jnp.abs(zero_convs).max()) > 0  # They left zero.
+  assert (workdir / 'samples_during_training' / f'{120:08d}.png').is_file()
+
+  # On a fixed batch (the same t and eps), the trained ControlNet predicts the noise better
+  # than the base (which is the fresh ControlNet's output, exactly), and better with each
+  # picture's own map than with another picture's: it reads the map.
+  exp = finetune.for_sampling(config, workdir)
+  images, captions = finetune.data.load_captioned_dataset(config.data)
+  images, ids = train.build_dataset(exp.conds, images[:64], captions[:64])
+  maps = controlnet.as_input(controlnet.control_maps(images, 'canny'))
+  mean, _ = exp.stage1.moments(exp.stage1.params, jnp.asarray(images))
+  z0 = exp.stage1.scale_factor * mean
+  t = jnp.arange(64) % 50 + 20
+  eps = jax.random.normal(jax.random.PRNGKey(5), z0.shape)
+  zt = diffusion.q_sample(exp.schedule, z0, t, eps)
+
+  def mse(params, control):
+    context, mask, _, _ = train.condition(exp.model, params, jnp.asarray(ids))
+    out = train.denoise(exp.model, params, zt, t, context, mask, control=control)
+    return float(jnp.mean((out - eps) ** 2))
+  trained = jax.device_get(state.params)
+  fresh = {**params0, 'controlnet': controlnet.init_params(
+      exp.model.controlnet, params0['unet'], jax.random.PRNGKey(0), 32)}
+  assert mse(fresh, maps) == mse(params0 | {'controlnet': fresh['controlnet']}, None)
+  assert mse(trained, maps) < 0.97 * mse(fresh, maps), (mse(trained, maps), mse(fresh, maps))
+  assert mse(trained, maps) < mse(trained, jnp.roll(maps, 1, axis=0))
+
+  # WORKDIR/controlnet is a diffusers ControlNetModel folder; read back, it is the run's.
+  folder = workdir / controlnet.FOLDER
+  loaded_cn, loaded = controlnet.load(folder, exp.model.unet, params0['unet'], 32)
+  assert changed(trained['controlnet'], loaded) == []
+  diffusers = pytest.importorskip('diffusers')
+  assert diffusers.ControlNetModel.from_pretrained(folder).config.conditioning_embedding_out_channels == [16, 32, 64]
+
+  # Sampling from control pictures: one image per prompt and map, and the map beside it.
+  pictures = tmp_path / 'pictures'
+  for i, image in enumerate(images[:2]):
+    imageio.save_image(image, pictures / f'{i}.png')
+  config.sample.control_image = str(pictures)
+  out = sample_images(config, workdir, tmp_path / 'out')
+  assert out.shape == (4, 16, 16, 3)
+  assert (tmp_path / 'out_control_grid.png').is_file()
+  config.sample.control_image = str(tmp_path / 'nothere')
+  with pytest.raises(errors.MissingFileError, match='sample.control_image .*nothere'):
+    sample_images(config, workdir, tmp_path / 'out2')
+  # A ControlNet embedding that does not reach the latent grid is named before any compute.
+  with pytest.raises(errors.ConfigError, match='controlnet.embedding_channels'):
+    finetune.train_and_evaluate(controlnet_config(
+        base, **{'controlnet.embedding_channels': (16, 32, 96, 256)}), str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad' / 'config.json').exists()
+
+
 def test_paired_batches_weigh_the_prior_half():
   a = iter([{'ids': np.zeros((2, 1), np.int32)}])
   b = iter([{'ids': np.ones((2, 1), np.int32)}])

@@ -15,6 +15,11 @@ image size. `method` picks what trains (latent/finetune.py):
                      optionally with prior preservation (finetune.prior_preservation)
   textual_inversion  one new embedding row for concept.token, initialised from concept.init_word
   hypernetwork       residual MLPs on the cross-attention context (hypernetwork.*)
+  controlnet         a ControlNet (controlnet.*): a trainable copy of the U-Net's encoder
+                     steered by control maps (Canny edges, scribbles) made from data.path's
+                     images, captioned by data.captions (or the digits' captions; else
+                     the empty prompt); concept.* is unused. Sampling takes
+                     sample.control_image (pictures, or maps with sample.control_is_map).
 
 Every concept image is captioned with concept.instance_prompt ('' = "<token> <class_prompt>").
 A token the base's vocabulary lacks is added to it (its row: the init word's, else random);
@@ -26,11 +31,13 @@ import ml_collections
 from common import config as config_lib
 from latent.configs import ldm_base
 
-METHODS = ('lora', 'dreambooth', 'textual_inversion', 'hypernetwork')
+METHODS = ('lora', 'dreambooth', 'textual_inversion', 'hypernetwork', 'controlnet')
+DETECTORS = ('canny', 'scribble')  # latent.controlnet.control_maps (also sd_pipeline.py's).
 # Keys taken from the base workdir's config.json (the architecture being fine-tuned).
 FROM_BASE = ('model', 'conditioning', 'diffusion', 'vae_workdir')
 RUN_KEYS = ('base_workdir', 'pipeline', 'method', 'concept.token', 'concept.init_word', 'lora.rank',
-            'lora.targets', 'hypernetwork.multipliers', 'finetune.train_text_encoder')
+            'lora.targets', 'hypernetwork.multipliers', 'finetune.train_text_encoder',
+            'controlnet.detector', 'controlnet.embedding_channels')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -68,6 +75,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.hypernetwork = h = ml_collections.ConfigDict()
   h.multipliers = (1, 2, 1)        # Layer widths in units of the context width.
 
+  config.controlnet = n = ml_collections.ConfigDict()
+  n.detector = 'canny'             # How control maps are made from pictures: canny, scribble.
+  n.low_threshold = 100            # Canny's hysteresis thresholds (both detectors).
+  n.high_threshold = 200
+  n.thickness = 0                  # Scribble stroke half-width in pixels (0 = side / 64).
+  n.embedding_channels = (16, 32, 96, 256)  # The conditioning embedding's widths: one
+                                   # stride-2 stage per entry after the first, so
+                                   # 2 ** (len - 1) must be the VAE's factor (SD's 8).
+  n.drop_prompt = 0.5              # Prompts dropped to the null context while training (the
+                                   # paper's 50%: the ControlNet learns to read the map alone).
+  config.sample.control_image = ''  # A picture or folder to steer sampling with, ...
+  config.sample.control_is_map = False  # ... already a control map (else controlnet.detector's).
+  config.sample.control_scale = 1.0     # diffusers' controlnet_conditioning_scale.
+  config.sample.guess_mode = False      # diffusers' guess mode (scaled residuals, cond. only).
+
   config.optim.learning_rate = 1e-4
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
@@ -98,8 +120,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if bool(config.base_workdir) == bool(config.pipeline):
     raise ValueError('Name the model to fine-tune with exactly one of base_workdir (a text LDM '
                      'trained here) and pipeline (a Stable Diffusion pipeline folder).')
-  if not config.data.path:
+  if not config.data.path and not (config.method == 'controlnet' and
+                                   config.data.source == 'digits'):
     raise ValueError('data.path must name the folder of concept images.')
+  validate_controlnet(config)
   c = config.concept
   if not c.token or c.token.strip().lower() != c.token or ' ' in c.token:
     raise ValueError(f'concept.token={c.token!r} must be one lower-case word, e.g. sks.')
@@ -128,6 +152,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive(config.lora.alpha, 'lora.alpha', allow_zero=True)
   if 'model' in config:
     ldm_base.validate_values(config)
+
+
+def validate_controlnet(config) -> None:
+  n, s = config.controlnet, config.sample
+  config_lib.check_choice(n.detector, DETECTORS, 'controlnet.detector')
+  if not 0 <= n.low_threshold <= n.high_threshold:
+    raise ValueError(f'controlnet.low_threshold={n.low_threshold} and high_threshold='
+                     f'{n.high_threshold} must satisfy 0 <= low <= high.')
+  config_lib.check_positive(n.thickness, 'controlnet.thickness', allow_zero=True)
+  if not n.embedding_channels or min(n.embedding_channels) <= 0:
+    raise ValueError(f'controlnet.embedding_channels={tuple(n.embedding_channels)} must be '
+                     'positive widths, e.g. (16, 32, 96, 256).')
+  config_lib.check_range(n.drop_prompt, 0.0, 1.0, 'controlnet.drop_prompt')
+  config_lib.check_positive(s.control_scale, 'sample.control_scale', allow_zero=True)
+  if config.method != 'controlnet' and (s.control_image or s.guess_mode):
+    raise ValueError('sample.control_image / sample.guess_mode steer a ControlNet: this run\'s '
+                     f'method is {config.method!r}.')
 
 
 def get_config_with_base() -> ml_collections.ConfigDict:

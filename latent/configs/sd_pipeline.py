@@ -10,13 +10,18 @@ by latent.pipeline; its scheduler_config.json gives the betas, prediction type a
 settings. Images go to OUT_DIR/samples/1.jpg ... with captions.tsv and a captioned grid.
 Add --config.sample.init_image=PICTURE_OR_FOLDER (and --config.sample.strength) for
 image-to-image, and --config.sample.mask=MASK (white = generate) for inpainting; an
-inpainting U-Net (SD-inpainting, 9 input channels) needs both.
+inpainting U-Net (SD-inpainting, 9 input channels) needs both. A ControlNet
+(--config.controlnet.folder=DIR, a diffusers ControlNetModel folder such as
+lllyasviel/sd-controlnet-canny, or WORKDIR/controlnet of a ControlNet run here) steers
+sampling with --config.sample.control_image=PICTURE_OR_FOLDER: pictures made into maps with
+controlnet.detector, or maps as they are with --config.sample.control_is_map=True.
 """
 
 import ml_collections
 
 from common import config as config_lib
 from ddpm.configs import default as ddpm_default
+from latent.configs import finetune_base
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -27,6 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.pipeline = ''             # The pipeline folder (StableDiffusionPipeline.save_pretrained).
   config.dtype = 'float32'         # Compute dtype of the U-Net, VAE and text encoder.
   config.cpu_devices = 0
+
+  config.controlnet = n = ml_collections.ConfigDict()
+  n.folder = ''                    # A diffusers ControlNetModel folder for this pipeline's U-Net.
+  n.detector = 'canny'             # How sample.control_image pictures become maps (canny,
+  n.low_threshold = 100            # scribble: latent.controlnet.control_maps) ...
+  n.high_threshold = 200
+  n.thickness = 0
 
   config.sample = s = ml_collections.ConfigDict()
   s.prompts = ('a photo of an astronaut riding a horse on mars',)
@@ -42,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   s.init_image = ''                # Image-to-image: a picture (or folder) to start from ...
   s.strength = 0.8                 # ... noised this far (diffusers' img2img default; 1 = ignore it).
   s.mask = ''                      # Inpainting: white = generate, black = keep init_image.
+  s.control_image = ''             # ControlNet: a picture or folder (cycled over the images) ...
+  s.control_is_map = False         # ... already a control map (else controlnet.detector's).
+  s.control_scale = 1.0            # diffusers' controlnet_conditioning_scale.
+  s.guess_mode = False             # diffusers' guess mode (scaled residuals, conditional only).
   s.adapters = ()                  # LoRA files (PEFT/diffusers keys, e.g. from
                                    # finetune_lora.py on this pipeline) as 'PATH[:STRENGTH]'.
   s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors, ours
@@ -83,5 +99,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_exists(s.init_image, 'sample.init_image', folder_ok=True)
   if s.mask:
     config_lib.check_exists(s.mask, 'sample.mask')
+  n = config.controlnet
+  config_lib.check_choice(n.detector, finetune_base.DETECTORS, 'controlnet.detector')
+  config_lib.check_positive(s.control_scale, 'sample.control_scale', allow_zero=True)
+  if bool(n.folder) != bool(s.control_image):
+    raise ValueError('controlnet.folder and sample.control_image go together: the ControlNet '
+                     'and the pictures (or maps) that steer it.')
+  if n.folder:
+    config_lib.check_exists(n.folder, 'controlnet.folder', folder_ok=True)
+    config_lib.check_exists(s.control_image, 'sample.control_image', folder_ok=True)
   if not (s.prompts or s.prompt_file):
     raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')

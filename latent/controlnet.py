@@ -1,0 +1,304 @@
+"""ControlNet (Zhang & Agrawala 2023): a trainable copy of the U-Net's encoder steered by an image.
+
+`ControlNet` is diffusers' `ControlNetModel` block for block (same module names, so
+`ddpm.convert` moves weights both ways): the conditional U-Net's conv_in, time embedding,
+down blocks and mid block, plus
+
+  controlnet_cond_embedding   conv stack from the control image down to the latent grid
+                              (its conv_out zero-initialised)
+  controlnet_down_blocks_k    one zero-initialised 1x1 conv per skip connection
+  controlnet_mid_block        one for the mid block's output
+
+Its outputs (times `scale`) are added to the frozen U-Net's skip connections and mid-block
+output (`ddpm.models.UNet(control=...)`), so a fresh ControlNet, its encoder copied from
+the base (`init_params`), leaves the base model's output exactly unchanged.
+
+Control images are float [B, H, W, C] in [0, 1] at the pixel resolution, as diffusers'
+pipelines feed them; `control_maps` makes them from any picture (Canny edges, scribbles),
+so any image folder is training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import errors, imageio
+from ddpm import convert
+from ddpm.models import _conv
+from latent.unet import ConditionalUNet
+
+FOLDER = 'controlnet'  # A run's ControlNet as a diffusers ControlNetModel folder.
+SHARED = ('conv_in', 'time_embedding', 'down_blocks_', 'mid_block.')  # Copied from the U-Net.
+
+
+class ConditioningEmbedding(nn.Module):
+  """Control image -> features on the latent grid: conv_in, pairs of (3x3, 3x3 stride 2)
+  convs, SiLU after each, and a zero-initialised conv_out (diffusers'
+  ControlNetConditioningEmbedding)."""
+  features: int
+  block_out_channels: Sequence[int] = (16, 32, 96, 256)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    chans = tuple(self.block_out_channels)
+    x = nn.silu(_conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype)))
+    for i in range(len(chans) - 1):
+      x = nn.silu(_conv(chans[i], f'blocks_{2 * i}', self.dtype)(x))
+      x = nn.silu(_conv(chans[i + 1], f'blocks_{2 * i + 1}', self.dtype, stride=2)(x))
+    return nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                   kernel_init=nn.initializers.zeros, name='conv_out')(x)
+
+
+def residual_scales(n: int, scale, guess_mode: bool) -> list:
+  """The factor of each of the n residuals (the mid block's last): `scale`, or in guess mode
+  diffusers' logspace(-1, 0, n) * scale (weak at the shallow skips, full at the mid block)."""
+  if guess_mode:
+    return [scale * float(s) for s in np.logspace(-1, 0, n)]
+  return [scale] * n
+
+
+def for_guidance(control, scale, guess_mode: bool):
+  """(control, scale) for guidance's [conditional; unconditional] batch: the control images
+  twice, and in guess mode a scale of 0 on the unconditional half (diffusers' pipeline runs
+  the ControlNet on the conditional half only and adds nothing to the other)."""
+  b = control.shape[0]
+  scale = jnp.asarray(scale, jnp.float32)
+  if guess_mode:
+    scale = jnp.concatenate([jnp.full((b,), scale), jnp.zeros((b,))])
+  return jnp.concatenate([control, control]), scale
+
+
+class ControlNet(ConditionalUNet):
+  """The conditional U-Net's encoder, copied, with the conditioning embedding and zero convs.
+
+  `__call__` returns (down residuals, mid residual) for `UNet(control=...)`. `scale` is
+  diffusers' conditioning_scale: a number, or [B] (per example, e.g. 0 for guidance's
+  unconditional half in guess mode).
+  """
+  conditioning_channels: int = 3
+  conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
+
+  @property
+  def control_size(self) -> int:
+    """The control image's side: the latent grid's times the embedding's downsampling."""
+    return self.sample_size * 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+  @nn.compact
+  def __call__(self, x, t, control, context=None, context_mask=None, scale=1.0,
+               guess_mode: bool = False, train: bool = False):
+    self.check_input(x)
+    want = (self.control_size, self.control_size, self.conditioning_channels)
+    if control.ndim != 4 or control.shape[1:] != want:
+      raise ValueError(f'ControlNet expects control images [B, {want[0]}, {want[1]}, {want[2]}], '
+                       f'got {control.shape}.')
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    chans = tuple(self.block_out_channels)
+    temb = self.embed_time(t, train)
+    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
+    h = h + ConditioningEmbedding(chans[0], tuple(self.conditioning_embedding_out_channels),
+                                  self.dtype, name='controlnet_cond_embedding')(control)
+    h, skips = self.encode(h, temb, train, context, context_mask)
+    zero_conv = lambda name, c: nn.Conv(c, (1, 1), dtype=self.dtype, name=name,
+                                        kernel_init=nn.initializers.zeros)
+    down = [zero_conv(f'controlnet_down_blocks_{k}', s.shape[-1])(s) for k, s in enumerate(skips)]
+    mid = zero_conv('controlnet_mid_block', h.shape[-1])(h)
+    scales = residual_scales(len(down) + 1, jnp.asarray(scale, jnp.float32), guess_mode)
+    per_example = lambda s: jnp.reshape(s, (-1, 1, 1, 1)) if jnp.ndim(s) else s
+    down = [(d * per_example(s)).astype(jnp.float32) for d, s in zip(down, scales)]
+    return down, (mid * per_example(scales[-1])).astype(jnp.float32)
+
+
+def from_unet(unet: ConditionalUNet, conditioning_channels: int = 3,
+              embedding_channels: Sequence[int] = (16, 32, 96, 256), name='controlnet'):
+  """The ControlNet of a conditional U-Net's architecture (diffusers' ControlNetModel.from_unet)."""
+  fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)
+            if f.init and f.name not in ('parent', 'name')}
+  return ControlNet(**fields, conditioning_channels=conditioning_channels,
+                    conditioning_embedding_out_channels=tuple(embedding_channels), name=name)
+
+
+def dummy_inputs(controlnet: ControlNet, context_width: int, context_length: int = 1):
+  """(z, t, control, context) of batch 1, for init and eval_shape."""
+  u = controlnet
+  return (jnp.zeros((1, u.sample_size, u.sample_size, u.in_channels)), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, u.control_size, u.control_size, u.conditioning_channels)),
+          jnp.zeros((1, context_length, context_width)))
+
+
+def init_params(controlnet: ControlNet, unet_params, rng, context_width: int,
+                context_length: int = 1):
+  """A fresh ControlNet's parameters: the encoder copied from the base U-Net's (conv_in,
+  time embedding, down and mid blocks), the conditioning embedding random but for its
+  zero conv_out, and the zero convs zero, so the controlled model starts as the base."""
+  params = jax.jit(controlnet.init)(
+      rng, *dummy_inputs(controlnet, context_width, context_length))['params']
+  params = flax.core.unfreeze(params)
+  for key in params:
+    if key.startswith(SHARED):
+      if key not in unet_params:
+        raise errors.ConfigError(f'The base U-Net has no {key}: the ControlNet does not fit it.')
+      params[key] = jax.tree.map(jnp.asarray, unet_params[key])
+  return params
+
+
+def check_fits(controlnet_params, unet_params) -> None:
+  """A ControlNet trained on another base architecture, named by its first misfit."""
+  flat_c = flax.traverse_util.flatten_dict(controlnet_params)
+  flat_u = flax.traverse_util.flatten_dict(unet_params)
+  for path, value in flat_c.items():
+    if not path[0].startswith(SHARED):
+      continue
+    theirs = flat_u.get(path)
+    if theirs is None or tuple(theirs.shape) != tuple(value.shape):
+      raise errors.ConfigError(
+          f'This ControlNet was made for another base U-Net: {"/".join(path)} is '
+          f'{tuple(value.shape)} here and {None if theirs is None else tuple(theirs.shape)} '
+          'in the base.')
+
+
+# ---- diffusers' ControlNetModel folders ------------------------------------------------------
+
+def diffusers_config(controlnet: ControlNet, cross_attention_dim: int) -> dict:
+  """ControlNetModel's constructor arguments for our ControlNet."""
+  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = pipeline.unet_diffusers_config(controlnet, cross_attention_dim)
+  for key in ('up_block_types', 'out_channels', 'sample_size'):
+    cfg.pop(key)
+  return dict(cfg, conditioning_channels=controlnet.conditioning_channels,
+              conditioning_embedding_out_channels=tuple(
+                  controlnet.conditioning_embedding_out_channels),
+              controlnet_conditioning_channel_order='rgb', global_pool_conditions=False)
+
+
+def save(folder: str | Path, controlnet: ControlNet, params, cross_attention_dim: int) -> Path:
+  """A folder diffusers' ControlNetModel.from_pretrained opens (and `load` reads back)."""
+  return convert.save_diffusers_folder(folder, 'ControlNetModel',
+                                       diffusers_config(controlnet, cross_attention_dim), params)
+
+
+def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_width: int = 0):
+  """(ControlNet, params) of a diffusers ControlNetModel folder, for the base `unet`.
+
+  Everything that ties it to the base (channels, layers, attention levels, latent channels,
+  context width) is checked against the base before any weights are read.
+  """
+  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  folder = Path(folder)
+  path = folder / 'config.json'
+  if not path.is_file():
+    raise errors.MissingFileError(
+        f'{path} not found: expected a ControlNet folder (config.json + '
+        'diffusion_pytorch_model.safetensors) as ControlNetModel.save_pretrained or a ControlNet '
+        f'run here writes it (WORKDIR/{FOLDER}).')
+  cfg = json.loads(path.read_text())
+  if cfg.get('global_pool_conditions') or cfg.get('controlnet_conditioning_channel_order',
+                                                  'rgb') != 'rgb':
+    raise errors.ConfigError(f'{path}: global_pool_conditions / BGR channel order are not '
+                             'supported.')
+  base_cfg = pipeline.unet_diffusers_config(unet, context_width or cfg['cross_attention_dim'])
+  theirs = pipeline.unet_from_config(
+      dict(cfg, sample_size=unet.sample_size, out_channels=unet.out_channels,
+           up_block_types=base_cfg['up_block_types']), unet.dtype)
+  mismatched = [k for k in ('in_channels', 'block_out_channels', 'layers_per_block',
+                            'attention_resolutions', 'transformer_depth')
+                if getattr(theirs, k) != getattr(unet, k)]
+  if context_width and cfg['cross_attention_dim'] != context_width:
+    mismatched.append('cross_attention_dim')
+  if mismatched:
+    raise errors.ConfigError(
+        f'The ControlNet in {folder} was made for another base architecture: '
+        + ', '.join(f'{k} {getattr(theirs, k, cfg.get(k))} vs the base\'s '
+                    f'{getattr(unet, k, context_width)}' for k in mismatched) + '.')
+  controlnet = from_unet(unet, cfg.get('conditioning_channels', 3),
+                         cfg.get('conditioning_embedding_out_channels', (16, 32, 96, 256)))
+  state = convert.read_safetensors(folder, 'diffusion_pytorch_model',
+                                   'the ControlNet weights are missing from the folder.')
+  reference = jax.eval_shape(lambda: controlnet.init(
+      jax.random.PRNGKey(0), *dummy_inputs(controlnet, cfg['cross_attention_dim']))['params'])
+  try:
+    params = convert.params_from_torch_state_dict(state, reference)
+  except (KeyError, ValueError) as e:
+    raise errors.DataError(f'{folder}: the weights do not fit its config: {e}') from None
+  if unet_params is not None:
+    check_fits(params, unet_params)
+  return controlnet, params
+
+
+# ---- control maps from pictures ----------------------------------------------------------------
+
+DETECTORS = ('canny', 'scribble')
+
+
+def canny(images: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+  """OpenCV's Canny edges of uint8 [N, H, W, 3] pictures: uint8 [N, H, W, 3], edges 255 (as
+  controlnet_aux's CannyDetector gives SD's canny ControlNet)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  edges = np.stack([cv2.Canny(np.ascontiguousarray(img), low, high) for img in images])
+  return np.repeat(edges[..., None], 3, axis=-1)
+
+
+def scribble(images: np.ndarray, low: int = 100, high: int = 200,
+             thickness: int = 0) -> np.ndarray:
+  """A scribble-like map: Canny edges of the blurred picture, thickened (dilated) by
+  `thickness` pixels (0 = 1/64 of the side, at least 1) and thresholded: bold strokes of
+  the main shapes, close to what a person draws."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  side = images.shape[1]
+  thickness = thickness or max(1, side // 64)
+  kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * thickness + 1,) * 2)
+  out = []
+  for img in images:
+    blurred = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), max(0.5, side / 128))
+    edges = cv2.dilate(cv2.Canny(blurred, low, high), kernel)
+    out.append(np.where(edges > 127, 255, 0).astype(np.uint8))
+  return np.repeat(np.stack(out)[..., None], 3, axis=-1)
+
+
+def control_maps(images: np.ndarray, detector: str, low: int = 100, high: int = 200,
+                 thickness: int = 0) -> np.ndarray:
+  """uint8 control maps [N, H, W, 3] of uint8 pictures with `detector` (DETECTORS)."""
+  if detector == 'canny':
+    return canny(images, low, high)
+  if detector == 'scribble':
+    return scribble(images, low, high, thickness)
+  raise ValueError(f'detector {detector!r} is not one of {DETECTORS}.')
+
+
+def as_input(maps_uint8) -> jnp.ndarray:
+  """uint8 maps -> the ControlNet's float input in [0, 1]."""
+  return jnp.asarray(maps_uint8, jnp.float32) / 255.0
+
+
+def control_grid(maps: np.ndarray, images: np.ndarray, pairs_per_row: int = 4) -> np.ndarray:
+  """uint8 grid of (control map | image) pairs, `pairs_per_row` pairs a row."""
+  both = np.stack([maps, images], axis=1).reshape(-1, *images.shape[1:])
+  return imageio.make_grid(both, ncol=2 * min(pairs_per_row, len(images)))
+
+
+def edge_f1(edges: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> np.ndarray:
+  """Per-image F1 of binary edge maps [N, H, W] against reference ones, an edge pixel
+  counting as matched when the other map has one within `tolerance` pixels (Chebyshev):
+  precision over `edges`, recall over `reference`. An image with no edge in either is 1."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  kernel = np.ones((2 * tolerance + 1,) * 2, np.uint8)
+  scores = []
+  for e, r in zip(edges.astype(bool), reference.astype(bool)):
+    if not e.any() and not r.any():
+      scores.append(1.0)
+      continue
+    near_r = cv2.dilate(r.astype(np.uint8), kernel).astype(bool)
+    near_e = cv2.dilate(e.astype(np.uint8), kernel).astype(bool)
+    precision = (e & near_r).sum() / max(1, e.sum())
+    recall = (r & near_e).sum() / max(1, r.sum())
+    scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+  return np.asarray(scores)
