@@ -19,14 +19,14 @@ from sklearn.datasets import load_digits
 from common import errors, imageio, lora
 from common.logs import read_scalars
 from latent import embeddings, finetune, hypernetwork, sample, train
-from latent.configs import (finetune_dreambooth, finetune_hypernetwork, finetune_lora,
-                            finetune_textual_inversion)
+from latent.configs import (controlnet_anime, finetune_dreambooth, finetune_hypernetwork,
+                            finetune_lora, finetune_textual_inversion)
 from test_latent_ldm import tiny_ldm_config, tiny_vae_config
 from test_latent_pipeline import diffusers_images, sd_folder  # noqa: F401  (sd_folder: a fixture)
 
 METHOD_CONFIGS = {'lora': finetune_lora, 'dreambooth': finetune_dreambooth,
                   'textual_inversion': finetune_textual_inversion,
-                  'hypernetwork': finetune_hypernetwork}
+                  'hypernetwork': finetune_hypernetwork, 'controlnet': controlnet_anime}
 
 
 @pytest.fixture(scope='module')
@@ -497,3 +497,24 @@ def test_dreambooth_on_a_pipeline_writes_a_diffusers_pipeline(sd_folder, concept
   want = diffusers_images(diffusers.StableDiffusionPipeline.from_pretrained(saved), prompts,
                           latents, 6, 3.0)
   assert np.abs(got.astype(np.int32) - want).max() <= 1
+
+
+@pytest.mark.slow
+def test_controlnet_on_a_pipeline_folder_trains_alone_and_writes_a_controlnetmodel(
+    sd_folder, concept_dir, tmp_path):
+  """ControlNet on an SD pipeline: only the ControlNet moves; WORKDIR/controlnet opens in
+  diffusers and reads back as the run's weights, fitted to the pipeline's U-Net."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from latent import controlnet, pipeline  # pylint: disable=g-import-not-at-top
+  folder, _ = sd_folder
+  config = pipeline_config('controlnet', folder, concept_dir, 6, **{
+      'optim.learning_rate': 1e-3, 'controlnet.embedding_channels': (8, 16),
+      'sample.prompts': ('hair',)})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  base = pipeline.load(folder)
+  assert changed({'unet': base.unet_params, 'encoder': base.text_params}, state.params) == []
+  saved = tmp_path / 'ft' / controlnet.FOLDER
+  _, loaded = controlnet.load(saved, base.unet, base.unet_params, 32)
+  assert changed(jax.device_get(state.params['controlnet']), loaded) == []
+  assert float(np.abs(loaded['controlnet_mid_block']['kernel']).max()) > 0
+  assert diffusers.ControlNetModel.from_pretrained(saved).config.cross_attention_dim == 32

@@ -25,7 +25,7 @@ from latent.configs import finetune_base
 def get_config():
   config = finetune_base.get_config()
   config.method = 'controlnet'
-  config.base_workdir = 'runs/ldm_text'
+  config.base_workdir = ''         # --config.base_workdir=runs/ldm_text, or --config.pipeline=DIR.
   config.data.path = '../shared/data/anime_faces_mlds96_tagged/images'  # Its captions.tsv.
   n = config.controlnet
   n.detector = 'canny'
