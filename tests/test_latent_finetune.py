@@ -323,7 +323,7 @@ def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(ba
   assert out.shape == (4, 16, 16, 3)
   assert (tmp_path / 'out_control_grid.png').is_file()
   config.sample.control_image = str(tmp_path / 'nothere')
-  with pytest.raises(errors.MissingFileError, match='sample.control_image .*nothere'):
+  with pytest.raises(errors.MissingFileError, match='sample.control_image.*nothere'):
     sample_images(config, workdir, tmp_path / 'out2')
   # A ControlNet embedding that does not reach the latent grid is named before any compute.
   with pytest.raises(errors.ConfigError, match='controlnet.embedding_channels'):

@@ -169,6 +169,8 @@ def validate_controlnet(config) -> None:
   if config.method != 'controlnet' and (s.control_image or s.guess_mode):
     raise ValueError('sample.control_image / sample.guess_mode steer a ControlNet: this run\'s '
                      f'method is {config.method!r}.')
+  if s.control_image:  # Before any weights are read.
+    config_lib.check_exists(s.control_image, 'sample.control_image', folder_ok=True)
 
 
 def get_config_with_base() -> ml_collections.ConfigDict:
