@@ -13,30 +13,24 @@ import pytest
 from common import errors
 from ddpm import convert
 from latent import controlnet, unet
+from test_latent_conditioning import _diffusers_pair
 from test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
 
 EMBEDDING = (8, 16)  # One stride-2 stage: 16x16 control images for 8x8 latents.
 
 
-def _pair(cross_dim=12):
-  """Our ConditionalUNet and ControlNet, and diffusers' UNet2DConditionModel and
-  ControlNetModel.from_unet of the same shape (random weights everywhere)."""
+def _pair():
+  """Our ConditionalUNet, diffusers' UNet2DConditionModel of the same shape, and its
+  ControlNetModel.from_unet with random weights everywhere."""
   torch = pytest.importorskip('torch')
   diffusers = pytest.importorskip('diffusers')
-  ours = unet.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
-                              block_out_channels=(16, 32), layers_per_block=1,
-                              attention_resolutions=(8,), head_dim=8, norm_groups=8)
-  theirs = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-      layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), norm_num_groups=8,
-      cross_attention_dim=cross_dim, attention_head_dim=(2, 4), use_linear_projection=True)
+  ours, theirs = _diffusers_pair()
   theirs_cn = diffusers.ControlNetModel.from_unet(
       theirs, conditioning_embedding_out_channels=EMBEDDING)
   with torch.no_grad():  # The zero convolutions too, so every residual is non-trivial.
     for p in theirs_cn.parameters():
       p.add_(0.05 * torch.randn_like(p))
-  return ours, theirs.eval(), theirs_cn.eval()
+  return ours, theirs, theirs_cn.eval()
 
 
 def _inputs(seed=1):

@@ -76,6 +76,11 @@ def ft_config(method, base, concept_dir, **overrides):
   config.sample.batch_size = 4
   config.sample.num_per_prompt = 2
   config.sample.prompts = ('sks digit',)
+  return set_keys(config, overrides)
+
+
+def set_keys(config, overrides: dict):
+  """config with {'a.b': value} overrides set."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split('.')
@@ -261,13 +266,7 @@ def controlnet_config(base, **overrides):
   s.batch_size = 4
   s.num_per_prompt = 4
   s.prompts = ('',)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_keys(config, overrides)
 
 
 @pytest.mark.slow
