@@ -34,9 +34,11 @@ class TrainState:
   rng: jax.Array  # Base key: never advanced, folded with the step.
 
 
-def build_model(config: ml_collections.ConfigDict) -> models.UNet:
+def build_model(config: ml_collections.ConfigDict,
+                cls: type[models.UNet] = models.UNet) -> models.UNet:
+  """The config's U-Net; `cls` a subclass of the same attributes (ddpm.sr.SRUNet)."""
   m = config.model
-  return models.UNet(
+  return cls(
       sample_size=config.data.image_size,
       block_out_channels=tuple(m.block_out_channels),
       layers_per_block=m.layers_per_block,
@@ -62,11 +64,13 @@ def rules_of(config) -> params_lib.Rules:
 
 
 def init_state(config, model: models.UNet, tx: optax.GradientTransformation,
-               rules: params_lib.Rules | None = None) -> TrainState:
+               rules: params_lib.Rules | None = None, **inputs) -> TrainState:
+  """`inputs`: example values of the model's other keyword inputs (ddpm.sr's low_res)."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   size = config.data.image_size
-  params = model.init(init_rng, jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))['params']
+  params = model.init(init_rng, jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+                      **inputs)['params']
   return new_state(params, tx, rules or rules_of(config), state_rng)
 
 
@@ -89,27 +93,31 @@ def create_train_state(config, model, tx, mesh) -> TrainState:
 
 
 def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule, tx,
-               rules: params_lib.Rules):
+               rules: params_lib.Rules, condition: Callable | None = None):
   """One optimisation step on a uint8 [B, H, W, 3] batch.
 
   Every random draw is made for the whole batch before the loss, so accumulating
   gradients over train.grad_accum_steps micro-batches gives the big batch's update.
+  `condition(rng, x0) -> {name: [B, ...]}` makes the model's other keyword inputs from the
+  (augmented) batch, e.g. ddpm.sr's noised low-resolution copy and its noise level.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, loss_rng, dropout_rng = jax.random.split(rng, 3)
   x0 = batch.astype(jnp.float32) / 127.5 - 1.0
   x0 = augment.augment(aug_rng, x0, config.augment)
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, x0)
+  inputs = {} if condition is None else condition(jax.random.fold_in(rng, 1), x0)
 
   def loss_fn(params, b):
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     model_fn = lambda xt, t: model.apply({'params': params}, xt, t, train=True,
-                                         rngs={'dropout': dropout_rng})
+                                         rngs={'dropout': dropout_rng},
+                                         **{k: b[k] for k in inputs})
     return diffusion.denoising_loss(schedule, model_fn, b['x0'], b['t'], b['eps'],
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma)
 
   (loss, aux), grads = optim.value_and_grad(loss_fn, state.params, rules,
-                                            {'x0': x0, 't': t, 'eps': eps},
+                                            {'x0': x0, 't': t, 'eps': eps, **inputs},
                                             config.train.grad_accum_steps)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return apply_gradients(state, grads, tx, config.train, rules), metrics
@@ -126,23 +134,24 @@ def apply_gradients(state: TrainState, grads, tx, t: ml_collections.ConfigDict,
                        opt_state=opt_state)
 
 
-def make_train_step(config, model, schedule, tx, mesh, shardings=None):
+def make_train_step(config, model, schedule, tx, mesh, shardings=None, condition=None):
   """The jitted step, the state laid out as `create_train_state` lays it out."""
   rules = rules_of(config)
   if shardings is None:
     shardings = state_shardings(config, functools.partial(init_state, config, model, tx), mesh)
   step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx,
-                           rules=rules)
+                           rules=rules, condition=condition)
   return loop.jit_step(step, mesh, shardings)
 
 
 def make_sample_fn(config, model, schedule, num_snapshots: int = 0, **overrides):
-  """jit(fn(params, rng, x_T) -> x_0 in [-1, 1]) with the config's sampler settings."""
+  """jit(fn(params, rng, x_T, **inputs) -> x_0 in [-1, 1]) with the config's sampler settings;
+  `inputs` are the model's other keyword inputs (ddpm.sr's low_res and noise_level)."""
   kwargs = samplers.options_from_config(config, num_snapshots=num_snapshots, **overrides)
 
-  def sample_fn(params, rng, x_T):
+  def sample_fn(params, rng, x_T, **inputs):
     params = lora.merged(params)
-    model_fn = lambda x, t: model.apply({'params': params}, x, t)
+    model_fn = lambda x, t: model.apply({'params': params}, x, t, **inputs)
     return samplers.sample(schedule, model_fn, x_T, rng, **kwargs)
 
   return jax.jit(sample_fn)

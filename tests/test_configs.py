@@ -1,10 +1,11 @@
 """The config convention: one base config per package (every key + `validate`), experiment
 configs that import only their base, and no model code behind any config module.
 
-Bases: ddpm/configs/default.py, latent/configs/vae_base.py and ldm_base.py (the two
-stages), stylegan/configs/base.py. Choice lists that the model code also needs (samplers,
-schedules, losses, noise modes, augmentations) are defined in the bases; the model
-modules import them from there, or keep a registry keyed by the same names (checked here).
+Bases: ddpm/configs/default.py and sr_base.py (super-resolution), latent/configs/vae_base.py
+and ldm_base.py (the two stages), stylegan/configs/base.py. Choice lists that the model code
+also needs (samplers, schedules, losses, noise modes, augmentations) are defined in the bases;
+the model modules import them from there, or keep a registry keyed by the same names (checked
+here).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_PACKAGES = ('ddpm', 'latent', 'stylegan', 'metrics')
 CONFIG_PACKAGES = ('ddpm.configs', 'latent.configs', 'stylegan.configs')
 BASES = {
-    'ddpm.configs': ('ddpm.configs.default',),
+    'ddpm.configs': ('ddpm.configs.default', 'ddpm.configs.sr_base'),
     'latent.configs': ('latent.configs.vae_base', 'latent.configs.ldm_base',
                        'latent.configs.finetune_base', 'latent.configs.sd_pipeline'),
     'stylegan.configs': ('stylegan.configs.base',),

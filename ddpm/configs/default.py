@@ -98,6 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check_keys(config, get_config())
+  validate_values(config)
+
+
+def validate_values(config: ml_collections.ConfigDict) -> None:
+  """`validate` without the key check (ddpm/configs/sr_base.py holds more keys)."""
   data.validate(config.data)
   augment.validate(config.augment)
   optim.validate(config.optim)
