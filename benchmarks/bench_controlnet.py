@@ -1,6 +1,6 @@
 """How closely ControlNet samples follow their control maps: edge F1 against three baselines.
 
-For held-out pictures (never seen by the base or the ControlNet), each picture's Canny map
+For held-out pictures (never seen by the ControlNet), each picture's Canny map
 M_i steers a sample G_i (prompt: the picture's caption, or --prompt). Scored with
 latent.controlnet.edge_f1 (F1 of edge pixels, matched within --tolerance pixels) between
 the Canny edges of the sample and:
@@ -20,7 +20,6 @@ run's; --write puts the table into benchmarks/RESULTS.md ("ControlNet").
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import sys
 import time
@@ -33,31 +32,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ddpm import write_section  # noqa: E402
-from common import data, imageio, mesh as mesh_lib  # noqa: E402
+from common import config as config_lib, data, imageio, mesh as mesh_lib  # noqa: E402
 from latent import controlnet, sample, train  # noqa: E402
 
 
 def load_config(path: str, overrides: list[str]):
-  """The config file's get_config() with --config.KEY=VALUE overrides (Python literals)."""
+  """The config file's get_config() with --config.KEY=VALUE overrides."""
   spec = importlib.util.spec_from_file_location('bench_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  for item in overrides:
-    key, value = item.removeprefix('--config.').split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
+  config_lib.override(config, overrides)
   return config
 
 
 def held_out(config, n: int):
-  """(pictures, captions) after the run's data.max_images, which training never saw."""
+  """(pictures, captions) after the run's data.max_images, which the ControlNet never saw."""
   c = config.data.copy_and_resolve_references()
   start = c.max_images
   if not start:

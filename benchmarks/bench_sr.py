@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import data, imageio  # pylint: disable=wrong-import-position
+from common import config as config_lib, data, imageio  # pylint: disable=wrong-import-position
 from ddpm import sr  # pylint: disable=wrong-import-position
 from ddpm.configs import sr_anime  # pylint: disable=wrong-import-position
 from metrics import afd as afd_lib  # pylint: disable=wrong-import-position
@@ -86,10 +86,7 @@ def main() -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
 
   config = sr_anime.get_config()
-  for item in args.set:
-    key, value = item.split('=', 1)
-    section, name = key.split('.')
-    config[section][name] = type(config[section][name])(value)
+  config_lib.override(config, args.set)
   out = Path(args.out or Path(args.workdir) / 'bench')
   _, held_out = sr.split_holdout(data.load_dataset(config.data), config.sr.holdout)
   originals = held_out[:args.num]

@@ -83,3 +83,19 @@ def parse_weighted_path(spec: str, name: str) -> tuple[str, float]:
   except ValueError:
     raise ConfigError(f'{name}={spec!r}: {strength!r} after the last ":" is not a number '
                       '(write PATH:STRENGTH, e.g. lora.safetensors:0.8).') from None
+
+
+def override(config, items) -> None:
+  """Sets 'KEY=VALUE' items ('--config.' prefix optional) in place: VALUE a Python literal
+  (numbers, booleans, tuples), else a string. For scripts without absl's config flags."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for item in items:
+    key, value = item.removeprefix('--config.').split('=', 1)
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value

@@ -2,7 +2,7 @@
 
 The U-Net denoises the high-resolution image x_t with the low-resolution image, bicubic-
 upsampled to the output size, concatenated on the channels (6 input channels). The
-low-resolution copy is noised to a random level s during training (noise-conditioning
+upsampled low-resolution copy is noised to a random level s during training (noise-conditioning
 augmentation, Ho et al. 2021) and s, embedded like a timestep, is added to the time
 embedding, so the model learns how much to trust its conditioning; sampling fixes
 s = sample.noise_level. One model serves every factor in sr.factors: training draws a

@@ -34,6 +34,7 @@ import numpy as np
 from common import errors, imageio
 from ddpm import convert
 from ddpm.models import _conv
+from latent.configs.finetune_base import DETECTORS, SD_EMBEDDING_CHANNELS
 from latent.unet import ConditionalUNet
 
 FOLDER = 'controlnet'  # A run's ControlNet as a diffusers ControlNetModel folder.
@@ -45,7 +46,7 @@ class ConditioningEmbedding(nn.Module):
   convs, SiLU after each, and a zero-initialised conv_out (diffusers'
   ControlNetConditioningEmbedding)."""
   features: int
-  block_out_channels: Sequence[int] = (16, 32, 96, 256)
+  block_out_channels: Sequence[int] = SD_EMBEDDING_CHANNELS
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -86,7 +87,7 @@ class ControlNet(ConditionalUNet):
   unconditional half in guess mode).
   """
   conditioning_channels: int = 3
-  conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
+  conditioning_embedding_out_channels: Sequence[int] = SD_EMBEDDING_CHANNELS
 
   @property
   def control_size(self) -> int:
@@ -119,7 +120,7 @@ class ControlNet(ConditionalUNet):
 
 
 def from_unet(unet: ConditionalUNet, conditioning_channels: int = 3,
-              embedding_channels: Sequence[int] = (16, 32, 96, 256), name='controlnet'):
+              embedding_channels: Sequence[int] = SD_EMBEDDING_CHANNELS, name='controlnet'):
   """The ControlNet of a conditional U-Net's architecture (diffusers' ControlNetModel.from_unet)."""
   fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)
             if f.init and f.name not in ('parent', 'name')}
@@ -186,11 +187,25 @@ def save(folder: str | Path, controlnet: ControlNet, params, cross_attention_dim
                                        diffusers_config(controlnet, cross_attention_dim), params)
 
 
-def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_width: int = 0):
-  """(ControlNet, params) of a diffusers ControlNetModel folder, for the base `unet`.
+def _architecture(unet: ConditionalUNet, key: str, cfg: dict | None = None):
+  """What `key` means for the weights' shapes and the computation: attention_heads is the
+  head count at each attention level (head_dim 8 at 16 channels = 2 heads); other keys are
+  the U-Net's fields, or the config's (cross_attention_dim)."""
+  if key == 'attention_heads':
+    return tuple(unet.num_heads or c // (unet.head_dim or c)
+                 for c, a in zip(unet.block_out_channels, unet.attention_levels()) if a)
+  if cfg is not None and key in cfg:
+    return cfg[key]
+  return getattr(unet, key)
 
-  Everything that ties it to the base (channels, layers, attention levels, latent channels,
-  context width) is checked against the base before any weights are read.
+
+def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_width: int = 0,
+         vae_factor: int = 0, dtype=jnp.float32):
+  """(ControlNet, params in `dtype`) of a diffusers ControlNetModel folder, for the base `unet`.
+
+  Everything that ties it to the base (channels, layers, attention levels and heads, norms,
+  latent channels, context width; with `vae_factor`, the control image's downsampling) is
+  checked against the base before any weights are read.
   """
   from latent import pipeline  # pylint: disable=g-import-not-at-top
   folder = Path(folder)
@@ -200,27 +215,44 @@ def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_wi
         f'{path} not found: expected a ControlNet folder (config.json + '
         'diffusion_pytorch_model.safetensors) as ControlNetModel.save_pretrained or a ControlNet '
         f'run here writes it (WORKDIR/{FOLDER}).')
-  cfg = json.loads(path.read_text())
+  try:
+    cfg = json.loads(path.read_text())
+  except ValueError as e:
+    raise errors.DataError(f'{path} is not valid JSON: {e}') from None
+  if cfg.get('_class_name', 'ControlNetModel') != 'ControlNetModel':
+    raise errors.ConfigError(f'{folder} holds a {cfg["_class_name"]}, not a ControlNetModel.')
   if cfg.get('global_pool_conditions') or cfg.get('controlnet_conditioning_channel_order',
                                                   'rgb') != 'rgb':
     raise errors.ConfigError(f'{path}: global_pool_conditions / BGR channel order are not '
                              'supported.')
+  if cfg.get('conditioning_channels', 3) != 3:
+    raise errors.ConfigError(f'{path}: conditioning_channels={cfg["conditioning_channels"]}; '
+                             'the control maps here are RGB (3 channels).')
+  embedding = tuple(cfg.get('conditioning_embedding_out_channels', SD_EMBEDDING_CHANNELS))
+  if vae_factor and 2 ** (len(embedding) - 1) != vae_factor:
+    raise errors.ConfigError(
+        f'{path}: conditioning_embedding_out_channels={embedding} downsamples the control '
+        f'image {2 ** (len(embedding) - 1)}x; this pipeline\'s VAE factor is {vae_factor}.')
   base_cfg = pipeline.unet_diffusers_config(unet, context_width or cfg['cross_attention_dim'])
-  theirs = pipeline.unet_from_config(
-      dict(cfg, sample_size=unet.sample_size, out_channels=unet.out_channels,
-           up_block_types=base_cfg['up_block_types']), unet.dtype)
+  try:
+    theirs = pipeline.unet_from_config(
+        dict(cfg, sample_size=unet.sample_size, out_channels=unet.out_channels,
+             up_block_types=base_cfg['up_block_types']), unet.dtype)
+  except KeyError as e:
+    raise errors.DataError(f'{path} lacks the key {e}: not a ControlNetModel config.') from None
   mismatched = [k for k in ('in_channels', 'block_out_channels', 'layers_per_block',
-                            'attention_resolutions', 'transformer_depth')
-                if getattr(theirs, k) != getattr(unet, k)]
+                            'attention_resolutions', 'transformer_depth', 'attention_heads',
+                            'linear_projection', 'norm_groups', 'norm_eps')
+                if _architecture(theirs, k) != _architecture(unet, k)]
   if context_width and cfg['cross_attention_dim'] != context_width:
     mismatched.append('cross_attention_dim')
   if mismatched:
     raise errors.ConfigError(
         f'The ControlNet in {folder} was made for another base architecture: '
-        + ', '.join(f'{k} {getattr(theirs, k, cfg.get(k))} vs the base\'s '
-                    f'{getattr(unet, k, context_width)}' for k in mismatched) + '.')
-  controlnet = from_unet(unet, cfg.get('conditioning_channels', 3),
-                         cfg.get('conditioning_embedding_out_channels', (16, 32, 96, 256)))
+        + ', '.join(f'{k} {_architecture(theirs, k, cfg)} vs the base\'s '
+                    f'{_architecture(unet, k, {"cross_attention_dim": context_width})}'
+                    for k in mismatched) + '.')
+  controlnet = from_unet(unet, 3, embedding)
   state = convert.read_safetensors(folder, 'diffusion_pytorch_model',
                                    'the ControlNet weights are missing from the folder.')
   reference = jax.eval_shape(lambda: controlnet.init(
@@ -231,12 +263,11 @@ def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_wi
     raise errors.DataError(f'{folder}: the weights do not fit its config: {e}') from None
   if unet_params is not None:
     check_fits(params, unet_params)
-  return controlnet, params
+  return controlnet, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
 # ---- control maps from pictures ----------------------------------------------------------------
 
-DETECTORS = ('canny', 'scribble')
 
 
 def canny(images: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:

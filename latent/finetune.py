@@ -260,14 +260,15 @@ def resolve_pipeline(config: ml_collections.ConfigDict) -> int:
   with config.unlocked():
     for key in finetune_base.FROM_BASE:
       config[key] = defaults[key]
+  vae_factor = 2 ** (len(vae_cfg['block_out_channels']) - 1)
   config.conditioning.width = unet_cfg['cross_attention_dim']
   config.diffusion.prediction = options['prediction']
   config.diffusion.num_timesteps = len(schedule.betas)
-  config.data.image_size = unet_cfg['sample_size'] * 2 ** (len(vae_cfg['block_out_channels']) - 1)
+  config.data.image_size = unet_cfg['sample_size'] * vae_factor
   config.sample.spacing = options['spacing']
   config.sample.clip_x0 = options['clip_x0']
   config.vae_workdir = str(folder / 'vae')  # Read from the pipeline, not a stage-1 run.
-  return 2 ** (len(vae_cfg['block_out_channels']) - 1)
+  return vae_factor
 
 
 class PairedBatches:
@@ -329,8 +330,8 @@ class Experiment(train.Experiment):
       raise errors.ConfigError(
           f'controlnet.embedding_channels={tuple(config.controlnet.embedding_channels)} '
           f'downsamples the control image {2 ** stages}x; the VAE\'s factor is {vae_factor}: '
-          f'give it {vae_factor.bit_length()} widths, e.g. '
-          f'{(16, 32, 96, 256)[:vae_factor.bit_length()]}.')
+          f'give it {vae_factor.bit_length()} widths (SD\'s factor 8: '
+          f'{finetune_base.SD_EMBEDDING_CHANNELS}).')
 
   def load_base(self):
     """The base's weights with the concept token, and the conditions (vocabulary)."""
@@ -404,6 +405,8 @@ class Experiment(train.Experiment):
         workdir, self.stage1, images, config.sample.batch_size, 'concept_latents.npz')}
     if config.method == 'controlnet':
       self.examples['control'] = maps
+      # The artefact's config, checked now rather than at the first checkpoint.
+      controlnet_lib.diffusers_config(self.model.controlnet, config.conditioning.width)
     self.prior = None
     if config.finetune.prior_preservation:
       base_params, base_conds = self.base
@@ -420,8 +423,10 @@ class Experiment(train.Experiment):
     c, n = self.config.data, self.config.controlnet
     try:
       images, captions = data.load_captioned_dataset(c)
-    except errors.MissingFileError:  # No captions.tsv: the control maps alone.
-      images = data.load_dataset(c)
+    except errors.MissingFileError:
+      if c.captions:  # A captions file named but missing is the user's error.
+        raise
+      images = data.load_dataset(c)  # No captions.tsv: the control maps alone.
       captions = [''] * len(images)
     images, ids = train.build_dataset(self.conds, images, captions)
     with logs.Timed(f'making {n.detector} control maps of {len(images)} images'):
@@ -555,14 +560,19 @@ class Experiment(train.Experiment):
 
 
 def replace_folder(folder: Path, write) -> None:
-  """write(folder) over an existing folder without ever leaving none whole: the old one is
-  kept as FOLDER.old until the new one is written."""
-  old = folder.with_name(folder.name + '.old')
-  if old.exists() and folder.exists():
-    shutil.rmtree(old)  # Left by a run killed after its last complete write.
+  """write(path) then put it in place of `folder`, never leaving no whole copy: the new one
+  is written as FOLDER.tmp, the old one kept as FOLDER.old until the new one is in place
+  (a run killed in between leaves FOLDER.old, which the next call restores first)."""
+  tmp, old = (folder.with_name(folder.name + suffix) for suffix in ('.tmp', '.old'))
+  if old.exists() and not folder.exists():
+    old.rename(folder)  # Killed between the two renames below.
+  for stale in (tmp, old):
+    if stale.exists():
+      shutil.rmtree(stale)
+  write(tmp)
   if folder.exists():
     folder.rename(old)
-  write(folder)
+  tmp.rename(folder)
   if old.exists():
     shutil.rmtree(old)
 

@@ -183,7 +183,8 @@ def generate_from_pipeline(config, workdir: str | Path) -> Path:
   maps, cn = read_control(config, n, size * pipe.vae.downsampling_factor), None
   if maps is not None:
     cn = controlnet.load(config.controlnet.folder, pipe.unet, pipe.unet_params,
-                         pipe.text_encoder.hidden_size)
+                         pipe.text_encoder.hidden_size, pipe.vae.downsampling_factor,
+                         pipe.unet.dtype)
   sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
                                           strength=s.strength if s.init_image else 1.0,
                                           inpaint=keep is not None, controlnet=cn,
@@ -225,6 +226,9 @@ def generate(config, workdir: str | Path) -> Path:
 
   pictures, keep = read_picture_and_mask(s, n, config.data.image_size, u.sample_size)
   maps = read_control(config, n, config.data.image_size)
+  if maps is None and config.get('method') == 'controlnet':
+    logging.warning('No sample.control_image: sampling the base model alone (the ControlNet '
+                    'steers nothing without a control image).')
   init_z0, strength = None, 1.0
   if pictures is not None:
     init_z0 = vae_train.encode_images(stage1.model, stage1.params, stage1.scale_factor,

@@ -132,7 +132,7 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     context, mask, null, null_mask = condition(model, params, mb['ids'])
     context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
-    control = mb['control'].astype(jnp.float32) / 255.0 if 'control' in mb else None
+    control = controlnet.as_input(mb['control']) if 'control' in mb else None
     model_fn = lambda zt, t: denoise(model, params, zt, t, context, mask, train=True,
                                      control=control, rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],

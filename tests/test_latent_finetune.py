@@ -517,3 +517,28 @@ def test_controlnet_on_a_pipeline_folder_trains_alone_and_writes_a_controlnetmod
   assert changed(jax.device_get(state.params['controlnet']), loaded) == []
   assert float(np.abs(loaded['controlnet_mid_block']['kernel']).max()) > 0
   assert diffusers.ControlNetModel.from_pretrained(saved).config.cross_attention_dim == 32
+
+
+def test_replace_folder_never_leaves_no_whole_copy(tmp_path):
+  def write(text):
+    def fn(path):
+      path.mkdir()
+      (path / 'f').write_text(text)
+    return fn
+  folder = tmp_path / 'controlnet'
+  finetune.replace_folder(folder, write('one'))
+  finetune.replace_folder(folder, write('two'))
+  assert (folder / 'f').read_text() == 'two' and sorted(p.name for p in tmp_path.iterdir()) == [
+      'controlnet']
+
+  def killed(path):  # A write that dies half way: the old copy stays in place.
+    path.mkdir()
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    finetune.replace_folder(folder, killed)
+  assert (folder / 'f').read_text() == 'two'
+  # Killed between the renames: only FOLDER.old is whole; the next write starts from it.
+  folder.rename(tmp_path / 'controlnet.old')
+  finetune.replace_folder(folder, write('three'))
+  assert (folder / 'f').read_text() == 'three' and sorted(p.name for p in tmp_path.iterdir()) == [
+      'controlnet']

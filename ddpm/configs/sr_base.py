@@ -2,7 +2,8 @@
 
 SR3 (Saharia et al. 2021): a pixel U-Net denoises the high-resolution image x_t given the
 low-resolution image, bicubic-upsampled to data.image_size and concatenated on the channels.
-As Stable Diffusion's x4 upscaler, the low-resolution copy is noised to a random level s
+As in Stable Diffusion's x4 upscaler (which noises the low-resolution image itself; here its
+upsampled copy), the conditioning is noised to a random level s
 during training (noise-conditioning augmentation, Ho et al. 2021's cascaded models) and s
 is embedded like a timestep and added to the time embedding; sampling uses the fixed small
 level sample.noise_level.

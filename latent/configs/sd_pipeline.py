@@ -33,12 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'         # Compute dtype of the U-Net, VAE and text encoder.
   config.cpu_devices = 0
 
-  config.controlnet = n = ml_collections.ConfigDict()
+  config.controlnet = n = finetune_base.control_config()
   n.folder = ''                    # A diffusers ControlNetModel folder for this pipeline's U-Net.
-  n.detector = 'canny'             # How sample.control_image pictures become maps (canny,
-  n.low_threshold = 100            # scribble: latent.controlnet.control_maps) ...
-  n.high_threshold = 200
-  n.thickness = 0
 
   config.sample = s = ml_collections.ConfigDict()
   s.prompts = ('a photo of an astronaut riding a horse on mars',)
@@ -54,10 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.init_image = ''                # Image-to-image: a picture (or folder) to start from ...
   s.strength = 0.8                 # ... noised this far (diffusers' img2img default; 1 = ignore it).
   s.mask = ''                      # Inpainting: white = generate, black = keep init_image.
-  s.control_image = ''             # ControlNet: a picture or folder (cycled over the images) ...
-  s.control_is_map = False         # ... already a control map (else controlnet.detector's).
-  s.control_scale = 1.0            # diffusers' controlnet_conditioning_scale.
-  s.guess_mode = False             # diffusers' guess mode (scaled residuals, conditional only).
+  finetune_base.add_control_sample_keys(s)  # control_image (cycled over the images), ...
   s.adapters = ()                  # LoRA files (PEFT/diffusers keys, e.g. from
                                    # finetune_lora.py on this pipeline) as 'PATH[:STRENGTH]'.
   s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors, ours
@@ -100,13 +93,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.mask:
     config_lib.check_exists(s.mask, 'sample.mask')
   n = config.controlnet
-  config_lib.check_choice(n.detector, finetune_base.DETECTORS, 'controlnet.detector')
-  config_lib.check_positive(s.control_scale, 'sample.control_scale', allow_zero=True)
+  finetune_base.validate_control(n, s)
   if bool(n.folder) != bool(s.control_image):
     raise ValueError('controlnet.folder and sample.control_image go together: the ControlNet '
                      'and the pictures (or maps) that steer it.')
   if n.folder:
     config_lib.check_exists(n.folder, 'controlnet.folder', folder_ok=True)
-    config_lib.check_exists(s.control_image, 'sample.control_image', folder_ok=True)
   if not (s.prompts or s.prompt_file):
     raise ValueError('sample.prompts (or sample.prompt_file) must give at least one prompt.')
