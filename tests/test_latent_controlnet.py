@@ -109,22 +109,24 @@ def test_fresh_controlnet_leaves_the_base_exactly_and_scale_zero_too():
   ours_unet, _, _ = _pair()
   z, t, control, context = _inputs(3)
   base_params = ours_unet.init(jax.random.PRNGKey(0), z, t, context=context)['params']
-  want = np.asarray(ours_unet.apply({'params': base_params}, z, t, context=context))
+  want = np.asarray(jax.jit(ours_unet.apply)({'params': base_params}, z, t, context=context))
   cn = controlnet.from_unet(ours_unet, 3, EMBEDDING)
   model = _Controlled(ours_unet, cn)
+  apply = jax.jit(lambda params, scale: model.apply({'params': params}, z, t, context, control,
+                                                    scale))
   fresh = controlnet.init_params(cn, base_params, jax.random.PRNGKey(1), 12)
   for key in ('conv_in', 'time_embedding', 'down_blocks_0.resnets_0', 'mid_block.attentions_0'):
     assert jax.tree.all(jax.tree.map(np.array_equal, fresh[key], base_params[key]))
-  params = {'unet': base_params, 'controlnet': fresh}
-  np.testing.assert_array_equal(model.apply({'params': params}, z, t, context, control), want)
+  np.testing.assert_array_equal(apply({'unet': base_params, 'controlnet': fresh}, 1.0), want)
   # Trained (random) zero convolutions change the output, except at conditioning_scale 0.
   moved = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
                        fresh)
   params = {'unet': base_params, 'controlnet': moved}
-  assert np.abs(model.apply({'params': params}, z, t, context, control) - want).max() > 1e-3
-  np.testing.assert_array_equal(model.apply({'params': params}, z, t, context, control, 0.0), want)
+  assert np.abs(apply(params, 1.0) - want).max() > 1e-3
+  np.testing.assert_array_equal(apply(params, 0.0), want)
   with pytest.raises(ValueError, match=r'control images \[B, 16, 16, 3\], got \(2, 8, 8, 3\)'):
-    model.apply({'params': params}, z, t, context, control[:, ::2, ::2])
+    jax.eval_shape(lambda p: model.apply({'params': p}, z, t, context, control[:, ::2, ::2]),
+                   params)
 
 
 def test_control_maps():
