@@ -34,7 +34,7 @@ import numpy as np
 from common import errors, imageio
 from ddpm import convert
 from ddpm.models import _conv
-from latent.configs.finetune_base import DETECTORS, SD_EMBEDDING_CHANNELS
+from latent.configs.ldm_base import DETECTORS, SD_EMBEDDING_CHANNELS
 from latent.unet import ConditionalUNet
 
 FOLDER = 'controlnet'  # A run's ControlNet as a diffusers ControlNetModel folder.

@@ -331,7 +331,7 @@ class Experiment(train.Experiment):
           f'controlnet.embedding_channels={tuple(config.controlnet.embedding_channels)} '
           f'downsamples the control image {2 ** stages}x; the VAE\'s factor is {vae_factor}: '
           f'give it {vae_factor.bit_length()} widths (SD\'s factor 8: '
-          f'{finetune_base.SD_EMBEDDING_CHANNELS}).')
+          f'{ldm_base.SD_EMBEDDING_CHANNELS}).')
 
   def load_base(self):
     """The base's weights with the concept token, and the conditions (vocabulary)."""

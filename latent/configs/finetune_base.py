@@ -32,8 +32,6 @@ from common import config as config_lib
 from latent.configs import ldm_base
 
 METHODS = ('lora', 'dreambooth', 'textual_inversion', 'hypernetwork', 'controlnet')
-DETECTORS = ('canny', 'scribble')  # latent.controlnet.control_maps (also sd_pipeline.py's).
-SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet embedding (VAE factor 8).
 # Keys taken from the base workdir's config.json (the architecture being fine-tuned).
 FROM_BASE = ('model', 'conditioning', 'diffusion', 'vae_workdir')
 RUN_KEYS = ('base_workdir', 'pipeline', 'method', 'concept.token', 'concept.init_word', 'lora.rank',
@@ -77,13 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.hypernetwork = h = ml_collections.ConfigDict()
   h.multipliers = (1, 2, 1)        # Layer widths in units of the context width.
 
-  config.controlnet = n = control_config()
-  n.embedding_channels = SD_EMBEDDING_CHANNELS  # The conditioning embedding's widths: one
+  config.controlnet = n = ldm_base.control_config()
+  n.embedding_channels = ldm_base.SD_EMBEDDING_CHANNELS  # The conditioning embedding's widths: one
                                    # stride-2 stage per entry after the first, so
                                    # 2 ** (len - 1) must be the VAE's factor (SD's 8).
   n.drop_prompt = 0.5              # Prompts dropped to the null context while training (the
                                    # paper's 50%: the ControlNet learns to read the map alone).
-  add_control_sample_keys(config.sample)
 
   config.optim.learning_rate = 1e-4
   config.optim.warmup_steps = 0
@@ -149,44 +146,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ldm_base.validate_values(config)
 
 
-def control_config() -> ml_collections.ConfigDict:
-  """How control maps are made from pictures (training data, sample.control_image): the
-  `controlnet` keys shared with sd_pipeline.py."""
-  n = ml_collections.ConfigDict()
-  n.detector = 'canny'             # canny, scribble (latent.controlnet.control_maps).
-  n.low_threshold = 100            # Canny's hysteresis thresholds (both detectors).
-  n.high_threshold = 200
-  n.thickness = 0                  # Scribble stroke half-width in pixels (0 = side / 64).
-  return n
-
-
-def add_control_sample_keys(s: ml_collections.ConfigDict) -> None:
-  s.control_image = ''             # A picture or folder to steer sampling with (ControlNet), ...
-  s.control_is_map = False         # ... already a control map (else controlnet.detector's).
-  s.control_scale = 1.0            # diffusers' controlnet_conditioning_scale.
-  s.guess_mode = False             # diffusers' guess mode (scaled residuals, conditional only).
-
-
-def validate_control(n: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> None:
-  """The control-map keys and sample.control_* (also sd_pipeline.py's)."""
-  config_lib.check_choice(n.detector, DETECTORS, 'controlnet.detector')
-  if not 0 <= n.low_threshold <= n.high_threshold:
-    raise ValueError(f'controlnet.low_threshold={n.low_threshold} and high_threshold='
-                     f'{n.high_threshold} must satisfy 0 <= low <= high.')
-  config_lib.check_positive(n.thickness, 'controlnet.thickness', allow_zero=True)
-  config_lib.check_positive(s.control_scale, 'sample.control_scale', allow_zero=True)
-  if s.guess_mode and not s.control_image:
-    raise ValueError('sample.guess_mode applies to sampling with sample.control_image.')
-  if s.control_image:  # Before any weights are read.
-    config_lib.check_exists(s.control_image, 'sample.control_image', folder_ok=True)
-
-
 def validate_controlnet(config) -> None:
   n, s = config.controlnet, config.sample
-  validate_control(n, s)
+  ldm_base.validate_control(n, s)
   if not n.embedding_channels or min(n.embedding_channels) <= 0:
     raise ValueError(f'controlnet.embedding_channels={tuple(n.embedding_channels)} must be '
-                     f'positive widths, e.g. {SD_EMBEDDING_CHANNELS}.')
+                     f'positive widths, e.g. {ldm_base.SD_EMBEDDING_CHANNELS}.')
   config_lib.check_range(n.drop_prompt, 0.0, 1.0, 'controlnet.drop_prompt')
   if config.method != 'controlnet' and s.control_image:
     raise ValueError('sample.control_image steers a ControlNet: this run\'s method is '

@@ -71,7 +71,46 @@ def get_config() -> ml_collections.ConfigDict:
   s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors): their
                                    # tokens join the vocabulary.
   s.hypernetwork = ''              # A hypernetwork file as 'PATH[:STRENGTH]'.
+  add_control_sample_keys(s)       # A ControlNet run's (finetune_base.py, method=controlnet).
   return config
+
+
+# ---- ControlNet keys (finetune_base.py's method=controlnet, sd_pipeline.py) ----------------
+
+DETECTORS = ('canny', 'scribble')  # latent.controlnet.control_maps.
+SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet embedding (VAE factor 8).
+
+
+def control_config() -> ml_collections.ConfigDict:
+  """How control maps are made from pictures (training data, sample.control_image): the
+  `controlnet` keys shared with sd_pipeline.py."""
+  n = ml_collections.ConfigDict()
+  n.detector = 'canny'             # canny, scribble (latent.controlnet.control_maps).
+  n.low_threshold = 100            # Canny's hysteresis thresholds (both detectors).
+  n.high_threshold = 200
+  n.thickness = 0                  # Scribble stroke half-width in pixels (0 = side / 64).
+  return n
+
+
+def add_control_sample_keys(s: ml_collections.ConfigDict) -> None:
+  s.control_image = ''             # A picture or folder to steer sampling with (ControlNet), ...
+  s.control_is_map = False         # ... already a control map (else controlnet.detector's).
+  s.control_scale = 1.0            # diffusers' controlnet_conditioning_scale.
+  s.guess_mode = False             # diffusers' guess mode (scaled residuals, conditional only).
+
+
+def validate_control(n: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> None:
+  """The control-map keys and sample.control_* (also sd_pipeline.py's)."""
+  config_lib.check_choice(n.detector, DETECTORS, 'controlnet.detector')
+  if not 0 <= n.low_threshold <= n.high_threshold:
+    raise ValueError(f'controlnet.low_threshold={n.low_threshold} and high_threshold='
+                     f'{n.high_threshold} must satisfy 0 <= low <= high.')
+  config_lib.check_positive(n.thickness, 'controlnet.thickness', allow_zero=True)
+  config_lib.check_positive(s.control_scale, 'sample.control_scale', allow_zero=True)
+  if s.guess_mode and not s.control_image:
+    raise ValueError('sample.guess_mode applies to sampling with sample.control_image.')
+  if s.control_image:  # Before any weights are read.
+    config_lib.check_exists(s.control_image, 'sample.control_image', folder_ok=True)
 
 
 def validate(config: ml_collections.ConfigDict, vae_factor: int | None = None) -> None:
@@ -120,3 +159,6 @@ def validate_values(config: ml_collections.ConfigDict, vae_factor: int | None = 
     config_lib.parse_weighted_path(s.hypernetwork, 'sample.hypernetwork')
   if s.mask and not s.init_image:
     raise ValueError('sample.mask (inpainting) needs sample.init_image, the picture to complete.')
+  if s.control_image and 'controlnet' not in config:
+    raise ValueError('sample.control_image steers a ControlNet: sample a ControlNet run '
+                     '(latent/configs/controlnet_*.py) instead.')

@@ -21,7 +21,7 @@ import ml_collections
 
 from common import config as config_lib
 from ddpm.configs import default as ddpm_default
-from latent.configs import finetune_base
+from latent.configs import ldm_base
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'         # Compute dtype of the U-Net, VAE and text encoder.
   config.cpu_devices = 0
 
-  config.controlnet = n = finetune_base.control_config()
+  config.controlnet = n = ldm_base.control_config()
   n.folder = ''                    # A diffusers ControlNetModel folder for this pipeline's U-Net.
 
   config.sample = s = ml_collections.ConfigDict()
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.init_image = ''                # Image-to-image: a picture (or folder) to start from ...
   s.strength = 0.8                 # ... noised this far (diffusers' img2img default; 1 = ignore it).
   s.mask = ''                      # Inpainting: white = generate, black = keep init_image.
-  finetune_base.add_control_sample_keys(s)  # control_image (cycled over the images), ...
+  ldm_base.add_control_sample_keys(s)  # control_image (cycled over the images), ...
   s.adapters = ()                  # LoRA files (PEFT/diffusers keys, e.g. from
                                    # finetune_lora.py on this pipeline) as 'PATH[:STRENGTH]'.
   s.embeddings = ()                # Textual-inversion files (learned_embeds.safetensors, ours
@@ -93,7 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if s.mask:
     config_lib.check_exists(s.mask, 'sample.mask')
   n = config.controlnet
-  finetune_base.validate_control(n, s)
+  ldm_base.validate_control(n, s)
   if bool(n.folder) != bool(s.control_image):
     raise ValueError('controlnet.folder and sample.control_image go together: the ControlNet '
                      'and the pictures (or maps) that steer it.')
