@@ -182,6 +182,13 @@ class UNet(nn.Module):
       raise ValueError(f'{type(self).__name__} expects [B, {self.sample_size}, '
                        f'{self.sample_size}, {self.in_channels}] inputs, got {x.shape}.')
 
+  def stem(self, x, t, train: bool):
+    """(conv_in's output, the time embedding) of x [B, H, W, C] at t [B] (or a scalar)."""
+    self.check_input(x)
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    temb = self.embed_time(t, train)
+    return _conv(self.block_out_channels[0], 'conv_in', self.dtype)(x.astype(self.dtype)), temb
+
   def encode(self, h, temb, train: bool, context, context_mask):
     """The down blocks and the mid block from conv_in's output: (h, skips), skips being
     every output the up blocks concatenate (conv_in's, each layer's, each downsampler's)."""
@@ -211,11 +218,8 @@ class UNet(nn.Module):
     `control` = (down residuals, mid residual), a ControlNet's output (latent.controlnet),
     is added to the skip connections and to the mid block's output, as diffusers'
     down_block_additional_residuals / mid_block_additional_residual."""
-    self.check_input(x)
-    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     chans = tuple(self.block_out_channels)
-    temb = self.embed_time(t, train)
-    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
+    h, temb = self.stem(x, t, train)
     h, skips = self.encode(h, temb, train, context, context_mask)
     if control is not None:
       down, mid = control

@@ -97,17 +97,14 @@ class ControlNet(ConditionalUNet):
   @nn.compact
   def __call__(self, x, t, control, context=None, context_mask=None, scale=1.0,
                guess_mode: bool = False, train: bool = False):
-    self.check_input(x)
     want = (self.control_size, self.control_size, self.conditioning_channels)
     if control.ndim != 4 or control.shape[1:] != want:
       raise ValueError(f'ControlNet expects control images [B, {want[0]}, {want[1]}, {want[2]}], '
                        f'got {control.shape}.')
-    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-    chans = tuple(self.block_out_channels)
-    temb = self.embed_time(t, train)
-    h = _conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype))
-    h = h + ConditioningEmbedding(chans[0], tuple(self.conditioning_embedding_out_channels),
-                                  self.dtype, name='controlnet_cond_embedding')(control)
+    h, temb = self.stem(x, t, train)
+    h = h + ConditioningEmbedding(self.block_out_channels[0],
+                                  tuple(self.conditioning_embedding_out_channels), self.dtype,
+                                  name='controlnet_cond_embedding')(control)
     h, skips = self.encode(h, temb, train, context, context_mask)
     zero_conv = lambda name, c: nn.Conv(c, (1, 1), dtype=self.dtype, name=name,
                                         kernel_init=nn.initializers.zeros)
