@@ -20,7 +20,6 @@ run's; --write puts the table into benchmarks/RESULTS.md ("ControlNet").
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ddpm import write_section  # noqa: E402
 from common import config as config_lib, data, imageio, mesh as mesh_lib  # noqa: E402
 from latent import controlnet, sample, train  # noqa: E402
-
-
-def load_config(path: str, overrides: list[str]):
-  """The config file's get_config() with --config.KEY=VALUE overrides."""
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config_lib.override(config, overrides)
-  return config
 
 
 def held_out(config, n: int):
@@ -69,7 +58,7 @@ def main():
   parser.add_argument('--figure', default='', help='a PNG of map | ControlNet | base rows')
   parser.add_argument('--write', action='store_true', help='write benchmarks/RESULTS.md')
   args, overrides = parser.parse_known_args()
-  config = load_config(args.config, overrides)
+  config = config_lib.from_file(args.config, overrides)
   # Restoring resolves the config in place (the base's image size and architecture).
   exp, params = sample.restore_experiment(config, args.workdir, config.sample.use_ema)
   pictures, captions = held_out(config, args.num)

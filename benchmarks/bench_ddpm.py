@@ -46,9 +46,53 @@ def timed(fn, repeats):
   return float(np.median(times))
 
 
-def bench_train_step(batch, repeats, devices):
+def torch_on(device: str = 'cpu', dtype: str = 'float32'):
+  """(autocast(), sync()) for the PyTorch peers: bfloat16 autocast (mixed precision, float32
+  weights, as ours with model.dtype='bfloat16') and a CUDA sync so wall times are honest."""
+  def autocast():
+    return torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+  def sync():
+    if device.startswith('cuda'):
+      torch.cuda.synchronize()
+
+  return autocast, sync
+
+
+def conv_kernel_ratio(repeats: int = 5, shape=(16, 32, 32, 128)) -> tuple[float, float, float]:
+  """(XLA GFLOP/s, PyTorch GFLOP/s, their ratio) of one f32 3x3 convolution, same shape.
+
+  The floor of what a conv net can reach against PyTorch on this machine: a benchmark whose
+  ratio is below this one loses time outside the convolution kernels.
+  """
+  b, h, w, c = shape
+  flops = 2 * b * h * w * c * c * 9
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, c))
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  ours = timed(lambda: conv(x, k).block_until_ready(), repeats)
+  xt = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+  kt = torch.randn(c, c, 3, 3).contiguous(memory_format=torch.channels_last)
+  with torch.no_grad():
+    theirs = timed(lambda: torch.nn.functional.conv2d(xt, kt, padding=1), repeats)
+  return flops / ours / 1e9, flops / theirs / 1e9, theirs / ours
+
+
+def xla_flops(jitted, *args) -> float:
+  """FLOPs of one call, from XLA's cost analysis of the compiled program (0 if unavailable)."""
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', 0.0))
+  except Exception:  # pylint: disable=broad-except  (an estimate only; some backends lack it)
+    return 0.0
+
+
+def bench_train_step(batch, repeats, devices, dtype='float32', with_flops=False):
   """Our trainer's own jitted step (EMA, clipping included) on a mesh of `devices`."""
   config = cifar10.get_config()
+  config.model.dtype = dtype
   config.model.dropout = 0.0  # Same work on both sides.
   config.augment.enabled = False
   config.train.batch_size = batch
@@ -65,31 +109,39 @@ def bench_train_step(batch, repeats, devices):
     metrics['loss'].block_until_ready()
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return timed(ours, repeats), n_params, model
+  seconds = timed(ours, repeats)
+  if with_flops:
+    return seconds, n_params, model, xla_flops(step_fn, box[0], mesh_lib.shard_batch(images, mesh))
+  return seconds, n_params, model
 
 
-def bench_torch_train_step(model, batch, repeats):
-  torch_model = UNet2DModel(**convert.diffusers_config(model)).train()
+def bench_torch_train_step(model, batch, repeats, device='cpu', dtype='float32'):
+  autocast, sync = torch_on(device, dtype)
+  torch_model = UNet2DModel(**convert.diffusers_config(model)).train().to(device)
   torch_model = torch_model.to(memory_format=torch.channels_last)
   opt = torch.optim.Adam(torch_model.parameters(), lr=2e-4)
   ref_sched = DDIMScheduler(num_train_timesteps=1000)
-  x0 = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+  ref_sched.alphas_cumprod = ref_sched.alphas_cumprod.to(device)
+  x0 = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
 
   def theirs():
-    t = torch.randint(0, 1000, (batch,))
+    t = torch.randint(0, 1000, (batch,), device=device)
     noise = torch.randn_like(x0)
-    loss = torch.nn.functional.mse_loss(torch_model(ref_sched.add_noise(x0, noise, t), t).sample,
-                                        noise)
+    with autocast():
+      out = torch_model(ref_sched.add_noise(x0, noise, t), t).sample
+    loss = torch.nn.functional.mse_loss(out.float(), noise)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
     opt.step()
+    sync()
 
   return timed(theirs, repeats)
 
 
-def bench_ddim(batch, repeats, devices):
+def bench_ddim(batch, repeats, devices, dtype='float32', with_flops=False):
   config = cifar10.get_config()
+  config.model.dtype = dtype
   model = train.build_model(config)
   schedule = schedules.make_schedule('linear', 1000)
   mesh = mesh_lib.make_mesh(devices=devices)
@@ -100,14 +152,23 @@ def bench_ddim(batch, repeats, devices):
   x_T = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)),
                        mesh_lib.data_sharding(mesh))
   ours = lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready()
+  if with_flops:
+    return timed(ours, repeats), model, xla_flops(sample_fn, params, jax.random.PRNGKey(2), x_T)
   return timed(ours, repeats), model
 
 
-def bench_torch_ddim(model, batch, repeats):
+def bench_torch_ddim(model, batch, repeats, device='cpu', dtype='float32'):
+  autocast, sync = torch_on(device, dtype)
   unet = UNet2DModel(**convert.diffusers_config(model)).eval()
-  pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+  pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).to(device)
   pipe.set_progress_bar_config(disable=True)
-  return timed(lambda: pipe(batch_size=batch, num_inference_steps=50, output_type='np'), repeats)
+
+  def theirs():
+    with autocast():
+      pipe(batch_size=batch, num_inference_steps=50, output_type='np')
+    sync()
+
+  return timed(theirs, repeats)
 
 
 def bench_ddim_vs_ddpm(batch):
@@ -158,6 +219,9 @@ def main():
         f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
         f'{theirs_ddim / ddim_n:.2f}x')
   steps = bench_ddim_vs_ddpm(64)
+  xla_gf, torch_gf, kernel = conv_kernel_ratio(args.repeats)
+  print(f'conv-kernel ratio (3x3 conv, f32): XLA {xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}: '
+        f'{kernel:.2f}x')
   print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
         f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
 
@@ -169,17 +233,20 @@ def main():
         'time / our time (> 1: ours is faster). "N devices" is our data-parallel mesh over N CPU '
         'devices, what `--config.cpu_devices=N` gives a training run; torch uses all cores through '
         'its threads.\n\n'
-        '| what | ours, 1 device | ours, all devices | diffusers (PyTorch) | ratio 1 / all |\n'
-        '|---|---|---|---|---|\n'
+        f'"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128) measured in the same run '
+        f'(XLA {xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}): a conv net below it loses time '
+        'outside the kernels.\n\n'
+        '| what | ours, 1 device | ours, all devices | diffusers (PyTorch) | ratio 1 / all | kernel |\n'
+        '|---|---|---|---|---|---|\n'
         f'| (a) train step, cifar10 U-Net {n_params / 1e6:.1f}M, batch {args.batch}, f32 | '
         f'{train_1:.3f} s | {train_n:.3f} s ({n_dev}) | {theirs_train:.3f} s | '
-        f'{theirs_train / train_1:.2f}x / {theirs_train / train_n:.2f}x |\n'
+        f'{theirs_train / train_1:.2f}x / {theirs_train / train_n:.2f}x | {kernel:.2f}x |\n'
         f'| (b) DDIM-50 sampling, batch {args.batch} | {args.batch / ddim_1:.2f} img/s | '
         f'{args.batch / ddim_n:.2f} img/s | {args.batch / theirs_ddim:.2f} img/s | '
-        f'{theirs_ddim / ddim_1:.2f}x / {theirs_ddim / ddim_n:.2f}x |\n'
+        f'{theirs_ddim / ddim_1:.2f}x / {theirs_ddim / ddim_n:.2f}x | {kernel:.2f}x |\n'
         f'| (c) ours: DDPM-1000 vs DDIM-50 wall time (demo U-Net, batch 64, 1 device) | '
         f'DDIM-50 {steps["ddim50"]:.2f} s | DDPM-1000 {steps["ddpm1000"]:.2f} s | | '
-        f'{steps["ddpm1000"] / steps["ddim50"]:.1f}x faster |\n')
+        f'{steps["ddpm1000"] / steps["ddim50"]:.1f}x faster | |\n')
     write_section(Path(__file__).with_name('RESULTS.md'), 'ddpm', section)
 
 

@@ -31,7 +31,7 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from bench_ddpm import timed, write_section  # pylint: disable=wrong-import-position
+from bench_ddpm import conv_kernel_ratio, timed, torch_on, write_section, xla_flops  # pylint: disable=wrong-import-position
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
 from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
@@ -40,8 +40,9 @@ from latent.configs import ldm_anime_text, vae_anime  # pylint: disable=wrong-im
 LATENT, CHANNELS, FACTOR = 16, 4, 4
 
 
-def ldm_setup(batch):
+def ldm_setup(batch, dtype='float32'):
   config = ldm_anime_text.get_config()
+  config.model.dtype = dtype
   config.train.batch_size = batch
   c = config.conditioning
   tokenizer = text.Tokenizer.from_captions(['blonde long hair and blue eyes'] * 2, c.max_length)
@@ -52,17 +53,21 @@ def ldm_setup(batch):
   return config, model, stage1, tokenizer
 
 
-def bench_ours_train(batch, repeats):
-  config, model, stage1, tokenizer = ldm_setup(batch)
+def bench_ours_train(batch, repeats, dtype='float32', with_flops=False):
+  config, model, stage1, tokenizer = ldm_setup(batch, dtype)
   mesh = mesh_lib.make_mesh()
   schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
   state = jax.jit(lambda: train.init_state(config, model, tx),
                   out_shardings=mesh_lib.replicated(mesh))()
   step = loop.jit_step(lambda s, b: train.train_step(
-      s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1), mesh)
+      s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
+      rules=ddpm_train.rules_of(config)), mesh)
   ours, box = stepper(step, state, latent_batch(tokenizer, batch), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return timed(ours, repeats), n_params, config, model, box[0].params
+  seconds = timed(ours, repeats)
+  flops = (xla_flops(step, box[0], mesh_lib.shard_batch(latent_batch(tokenizer, batch), mesh))
+           if with_flops else 0.0)
+  return seconds, n_params, config, model, box[0].params, flops
 
 
 def latent_batch(tokenizer, batch, prompt='blonde long hair and blue eyes'):
@@ -110,24 +115,27 @@ def encode_text(text_encoder, ids):
   return text_encoder.norm(text_encoder.encoder(text_encoder.embed(ids)))
 
 
-def bench_torch_train(config, model, batch, repeats):
-  unet, text_encoder = torch_modules(config, model)
+def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float32'):
+  autocast, sync = torch_on(device, dtype)
+  unet, text_encoder = (m.to(device) for m in torch_modules(config, model))
   params = list(unet.parameters()) + list(text_encoder.parameters())
   opt = torch.optim.Adam(params, lr=1e-4)
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear')
-  z0 = torch.randn(batch, CHANNELS, LATENT, LATENT)
-  ids = torch.randint(2, 40, (batch, config.conditioning.max_length))
+  z0 = torch.randn(batch, CHANNELS, LATENT, LATENT, device=device)
+  ids = torch.randint(2, 40, (batch, config.conditioning.max_length), device=device)
 
   def theirs():
-    t = torch.randint(0, 1000, (batch,))
+    t = torch.randint(0, 1000, (batch,), device=device)
     noise = torch.randn_like(z0)
-    context = encode_text(text_encoder, ids)
-    loss = torch.nn.functional.mse_loss(
-        unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample, noise)
+    with autocast():
+      context = encode_text(text_encoder, ids)
+      out = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
+    loss = torch.nn.functional.mse_loss(out.float(), noise)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    sync()
 
   return timed(theirs, repeats), (unet, text_encoder)
 
@@ -142,41 +150,50 @@ def bench_ours_sampling(config, model, params, batch, repeats):
                repeats)
 
 
-def bench_torch_sampling(config, modules, batch, repeats):
+def bench_torch_sampling(config, modules, batch, repeats, device='cpu', dtype='float32'):
+  autocast, sync = torch_on(device, dtype)
   unet, text_encoder = (m.eval() for m in modules)
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', clip_sample=False)
-  ids = torch.full((batch, config.conditioning.max_length), 3)
+  ids = torch.full((batch, config.conditioning.max_length), 3, device=device)
 
   @torch.no_grad()
   def theirs():
-    context = torch.cat([encode_text(text_encoder, ids), torch.zeros(batch, ids.shape[1],
-                                                                     config.conditioning.width)])
-    sched.set_timesteps(50)
-    z = torch.randn(batch, CHANNELS, LATENT, LATENT)
-    for t in sched.timesteps:
-      out = unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample
-      cond, uncond = out.chunk(2)
-      z = sched.step(uncond + 4.0 * (cond - uncond), t, z).prev_sample
+    with autocast():
+      context = torch.cat([encode_text(text_encoder, ids), torch.zeros(
+          batch, ids.shape[1], config.conditioning.width, device=device)])
+      sched.set_timesteps(50)
+      z = torch.randn(batch, CHANNELS, LATENT, LATENT, device=device)
+      for t in sched.timesteps:
+        out = unet(torch.cat([z, z]), t, encoder_hidden_states=context).sample.float()
+        cond, uncond = out.chunk(2)
+        z = sched.step(uncond + 4.0 * (cond - uncond), t, z).prev_sample
+    sync()
 
   return timed(theirs, repeats)
 
 
-def bench_vae(batch, repeats):
+def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
+  autocast, sync = torch_on(device, dtype)
   config = vae_anime.get_config()
+  config.vae.dtype = dtype
   model = vae_train.build_model(config)
   size = config.data.image_size
   params = autoencoder.init_params(model, jax.random.PRNGKey(0), size)
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 3), minval=-1, maxval=1)
   fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
   ours = timed(lambda: fn(params, x).block_until_ready(), repeats)
-  vae = AutoencoderKL(**autoencoder.diffusers_config(model)).eval()
-  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+  vae = AutoencoderKL(**autoencoder.diffusers_config(model)).eval().to(device)
+  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
 
   @torch.no_grad()
   def theirs():
-    vae.decode(vae.encode(xt).latent_dist.mode()).sample
+    with autocast():
+      vae.decode(vae.encode(xt).latent_dist.mode()).sample
+    sync()
 
   n_params = sum(v.size for v in jax.tree.leaves(params))
+  if with_flops:
+    return ours, timed(theirs, repeats), n_params, xla_flops(fn, params, x)
   return ours, timed(theirs, repeats), n_params
 
 
@@ -188,11 +205,12 @@ def main():
   args = parser.parse_args()
   torch.manual_seed(0)
   b, r = args.batch, args.repeats
-  ours_train, n_params, config, model, params = bench_ours_train(b, r)
+  ours_train, n_params, config, model, params, _ = bench_ours_train(b, r)
   theirs_train, modules = bench_torch_train(config, model, b, r)
   ours_sample = bench_ours_sampling(config, model, params, b, 1)
   theirs_sample = bench_torch_sampling(config, modules, b, 1)
   ours_vae, theirs_vae, vae_params = bench_vae(b, r)
+  xla_gf, torch_gf, kernel = conv_kernel_ratio(max(r, 3))
   device = jax.devices()[0]
   lines = [
       '## latent',
@@ -200,17 +218,19 @@ def main():
       f'Machine: {platform.machine()}, {len(jax.devices())} JAX device(s) {device.platform}:'
       f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
       f'jax {jax.__version__}. Command: `python benchmarks/bench_latent.py --batch {b} '
-      f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster).',
+      f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster). '
+      f'"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128) in the same run (XLA '
+      f'{xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}): below it, time goes outside the kernels.',
       '',
-      '| what | ours | diffusers | ratio |',
-      '|---|---|---|---|',
+      '| what | ours | diffusers | ratio | kernel |',
+      '|---|---|---|---|---|',
       f'| (a) ldm_anime_text train step, batch {b} ({n_params / 1e6:.1f}M parameters: text encoder '
       f'+ U-Net on 16x16x4) | {ours_train:.3f} s | {theirs_train:.3f} s | '
-      f'{theirs_train / ours_train:.2f}x |',
+      f'{theirs_train / ours_train:.2f}x | {kernel:.2f}x |',
       f'| (b) guided DDIM-50, batch {b} (cond + uncond in one pass) | {ours_sample:.2f} s | '
-      f'{theirs_sample:.2f} s | {theirs_sample / ours_sample:.2f}x |',
+      f'{theirs_sample:.2f} s | {theirs_sample / ours_sample:.2f}x | {kernel:.2f}x |',
       f'| (c) vae_anime encode + decode, batch {b} at 64x64 ({vae_params / 1e6:.1f}M) | '
-      f'{ours_vae:.3f} s | {theirs_vae:.3f} s | {theirs_vae / ours_vae:.2f}x |',
+      f'{ours_vae:.3f} s | {theirs_vae:.3f} s | {theirs_vae / ours_vae:.2f}x | {kernel:.2f}x |',
       '',
   ]
   report = '\n'.join(lines)

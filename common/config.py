@@ -99,3 +99,14 @@ def override(config, items) -> None:
       node[leaf] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       node[leaf] = value
+
+
+def from_file(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """A config file's get_config() with 'KEY=VALUE' overrides (`override`), for scripts."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  override(config, overrides)
+  return config
