@@ -139,7 +139,7 @@ def bench_torch_train_step(model, batch, repeats, device='cpu', dtype='float32')
   return timed(theirs, repeats)
 
 
-def bench_ddim(batch, repeats, devices, dtype='float32', with_flops=False):
+def bench_ddim(batch, repeats, devices, dtype='float32'):
   config = cifar10.get_config()
   config.model.dtype = dtype
   model = train.build_model(config)
@@ -152,8 +152,6 @@ def bench_ddim(batch, repeats, devices, dtype='float32', with_flops=False):
   x_T = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)),
                        mesh_lib.data_sharding(mesh))
   ours = lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready()
-  if with_flops:
-    return timed(ours, repeats), model, xla_flops(sample_fn, params, jax.random.PRNGKey(2), x_T)
   return timed(ours, repeats), model
 
 
