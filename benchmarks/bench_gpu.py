@@ -37,7 +37,7 @@ from metrics import features, inception  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts): (bfloat16, TF32).
 PEAKS = {'H200': (989.0, 494.7), 'H100': (989.0, 494.7), 'A100': (312.0, 156.0),
-         'L4': (121.0, 60.0), 'A10': (125.0, 62.5), 'V100': (0.0, 0.0)}
+         'L4': (121.0, 60.0), 'A10': (125.0, 62.5)}
 
 
 def peak_tflops(dtype: str, override: float) -> float:
@@ -122,10 +122,9 @@ def main():
     peak = peak_tflops(dtype, args.peak_tflops)
     tflops = flops / ours / 1e12 if flops else 0.0
     mfu = f'{100 * tflops / peak:.1f}%' if tflops and peak else '-'
+    rate = f'{tflops:.1f}' if tflops else '-'
     lines.append(f'| {what} | {dtype} | {ours:.4f} s | {theirs:.4f} s | {theirs / ours:.2f}x | '
-                 f'{tflops:.1f} | {mfu} |' if tflops else
-                 f'| {what} | {dtype} | {ours:.4f} s | {theirs:.4f} s | {theirs / ours:.2f}x | - '
-                 f'| {mfu} |')
+                 f'{rate} | {mfu} |')
   report = '\n'.join(lines) + '\n'
   print(report)
   if args.write:

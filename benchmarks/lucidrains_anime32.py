@@ -74,7 +74,7 @@ def main():
   trainer.train()
   trainer.save('final')
   info = {'steps': trainer.step, 'minutes': (time.time() - start) / 60,
-          'images': trainer.step * 16}
+          'images': trainer.step * trainer.batch_size}
   print(json.dumps(info))
   with open(os.path.join(args.results, 'run.json'), 'w') as f:
     json.dump(info, f)
