@@ -40,6 +40,7 @@ def timed(fn, repeats):
   fn()  # Warm-up / compilation.
   times = []
   for _ in range(repeats):
+    time.sleep(0.05)  # Lets PyTorch's spinning OpenMP threads go idle (see `interleaved`).
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
@@ -59,38 +60,87 @@ def torch_on(device: str = 'cpu', dtype: str = 'float32'):
   return autocast, sync
 
 
-def conv_kernel_ratio(repeats: int = 5, shape=(16, 32, 32, 128)) -> tuple[float, float, float]:
-  """(XLA GFLOP/s, PyTorch GFLOP/s, their ratio) of one f32 3x3 convolution, same shape.
+def interleaved(fns: dict, repeats: int, gap: float = 2.0) -> dict:
+  """{name: median seconds}: every fn warmed up, then called once per round, in turn.
+
+  This machine's speed drifts by tens of percent from minute to minute (other tenants); taking
+  ours, theirs and the kernel in the same rounds keeps their ratios honest. Each call waits
+  `gap` seconds first, because work lingers after a call returns and slows the next one:
+  PyTorch's OpenMP threads spin (a 3x3 conv started at once ran at 220 instead of 325
+  GFLOP/s) and freed memory is reclaimed (our train step started 50 ms after diffusers' took
+  2.7 s, 2 s after it 1.25 s).
+  """
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      time.sleep(gap)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def conv_kernel_fns(shape=(16, 32, 32, 128), backward: bool = False):
+  """(XLA call, PyTorch call, FLOPs) of one f32 3x3 convolution of the same shape; with
+  `backward`, the convolution and both its gradients (input and kernel), as in a train step.
 
   The floor of what a conv net can reach against PyTorch on this machine: a benchmark whose
-  ratio is below this one loses time outside the convolution kernels.
+  ratio is below this one loses time outside the convolution kernels. A train step also runs
+  both gradients, whose speed against PyTorch differs from the forward's (the kernel gradient
+  at 16x32x32, 384 -> 128 channels: 186 against 320 GFLOP/s), so train steps are held to the
+  forward + backward ratio. One shape stands only roughly for a model's mix of shapes
+  (RESULTS.md, "ddpm").
   """
   b, h, w, c = shape
-  flops = 2 * b * h * w * c * c * 9
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, c))
-  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-  ours = timed(lambda: conv(x, k).block_until_ready(), repeats)
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   xt = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
   kt = torch.randn(c, c, 3, 3).contiguous(memory_format=torch.channels_last)
-  with torch.no_grad():
-    theirs = timed(lambda: torch.nn.functional.conv2d(xt, kt, padding=1), repeats)
-  return flops / ours / 1e9, flops / theirs / 1e9, theirs / ours
+  flops = 2 * b * h * w * c * c * 9
+  if not backward:
+    fwd = jax.jit(conv)
+
+    def theirs():
+      with torch.no_grad():
+        torch.nn.functional.conv2d(xt, kt, padding=1)
+
+    return lambda: fwd(x, k).block_until_ready(), theirs, flops
+
+  dy = jax.random.normal(jax.random.PRNGKey(2), shape)
+  grads = jax.jit(jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1)))
+  xt.requires_grad_(True)
+  kt.requires_grad_(True)
+  dyt = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+
+  def theirs_backward():
+    xt.grad = kt.grad = None
+    torch.nn.functional.conv2d(xt, kt, padding=1).backward(dyt)
+
+  return lambda: jax.block_until_ready(grads(x, k)), theirs_backward, 3 * flops
 
 
 def xla_flops(jitted, *args) -> float:
   """FLOPs of one call, from XLA's cost analysis of the compiled program (0 if unavailable)."""
+  return lowered_flops(jitted.lower(*args))
+
+
+def lowered_flops(lowered) -> float:
+  """FLOPs of a lowered program, from XLA's cost analysis (0 if unavailable)."""
   try:
-    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get('flops', 0.0))
   except Exception:  # pylint: disable=broad-except  (an estimate only; some backends lack it)
     return 0.0
 
 
-def bench_train_step(batch, repeats, devices, dtype='float32', with_flops=False):
-  """Our trainer's own jitted step (EMA, clipping included) on a mesh of `devices`."""
+def train_step_fn(batch, devices, dtype='float32'):
+  """(fn running our trainer's own jitted step (EMA, clipping included) on a mesh of `devices`,
+  parameter count, model, lower(): the step lowered for the current state)."""
   config = cifar10.get_config()
   config.model.dtype = dtype
   config.model.dropout = 0.0  # Same work on both sides.
@@ -105,17 +155,22 @@ def bench_train_step(batch, repeats, devices, dtype='float32', with_flops=False)
   box = [state]
 
   def ours():
-    box[0], metrics = step_fn(box[0], mesh_lib.shard_batch(images, mesh))
-    metrics['loss'].block_until_ready()
+    box[0], _ = step_fn(box[0], mesh_lib.shard_batch(images, mesh))
+    jax.block_until_ready(box[0])  # The whole update, not just the loss.
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return ours, n_params, model, lambda: step_fn.lower(box[0], mesh_lib.shard_batch(images, mesh))
+
+
+def bench_train_step(batch, repeats, devices, dtype='float32', with_flops=False):
+  ours, n_params, model, lower = train_step_fn(batch, devices, dtype)
   seconds = timed(ours, repeats)
   if with_flops:
-    return seconds, n_params, model, xla_flops(step_fn, box[0], mesh_lib.shard_batch(images, mesh))
+    return seconds, n_params, model, lowered_flops(lower())
   return seconds, n_params, model
 
 
-def bench_torch_train_step(model, batch, repeats, device='cpu', dtype='float32'):
+def torch_train_step_fn(model, batch, device='cpu', dtype='float32'):
   autocast, sync = torch_on(device, dtype)
   torch_model = UNet2DModel(**convert.diffusers_config(model)).train().to(device)
   torch_model = torch_model.to(memory_format=torch.channels_last)
@@ -136,10 +191,14 @@ def bench_torch_train_step(model, batch, repeats, device='cpu', dtype='float32')
     opt.step()
     sync()
 
-  return timed(theirs, repeats)
+  return theirs
 
 
-def bench_ddim(batch, repeats, devices, dtype='float32'):
+def bench_torch_train_step(model, batch, repeats, device='cpu', dtype='float32'):
+  return timed(torch_train_step_fn(model, batch, device, dtype), repeats)
+
+
+def ddim_fn(batch, devices, dtype='float32'):
   config = cifar10.get_config()
   config.model.dtype = dtype
   model = train.build_model(config)
@@ -151,11 +210,15 @@ def bench_ddim(batch, repeats, devices, dtype='float32'):
   sample_fn = train.make_sample_fn(config, model, schedule)
   x_T = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)),
                        mesh_lib.data_sharding(mesh))
-  ours = lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready()
+  return lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready(), model
+
+
+def bench_ddim(batch, repeats, devices, dtype='float32'):
+  ours, model = ddim_fn(batch, devices, dtype)
   return timed(ours, repeats), model
 
 
-def bench_torch_ddim(model, batch, repeats, device='cpu', dtype='float32'):
+def torch_ddim_fn(model, batch, device='cpu', dtype='float32'):
   autocast, sync = torch_on(device, dtype)
   unet = UNet2DModel(**convert.diffusers_config(model)).eval()
   pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).to(device)
@@ -166,7 +229,11 @@ def bench_torch_ddim(model, batch, repeats, device='cpu', dtype='float32'):
       pipe(batch_size=batch, num_inference_steps=50, output_type='np')
     sync()
 
-  return timed(theirs, repeats)
+  return theirs
+
+
+def bench_torch_ddim(model, batch, repeats, device='cpu', dtype='float32'):
+  return timed(torch_ddim_fn(model, batch, device, dtype), repeats)
 
 
 def bench_ddim_vs_ddpm(batch):
@@ -203,23 +270,38 @@ def main():
 
   one, all_devices = jax.devices()[:1], jax.devices()
   n_dev = len(all_devices)
-  train_1, n_params, model = bench_train_step(args.batch, args.repeats, one)
-  train_n = bench_train_step(args.batch, args.repeats, all_devices)[0] if n_dev > 1 else train_1
-  theirs_train = bench_torch_train_step(model, args.batch, args.repeats)
+
+  def measure(fns, repeats, backward=False):
+    """{name: median s} of `fns` and the conv kernel (forward, or forward + backward), all in
+    the same rounds."""
+    kernel_ours, kernel_theirs, kernel_flops = conv_kernel_fns(backward=backward)
+    t = interleaved({**fns, 'kernel_ours': kernel_ours, 'kernel_theirs': kernel_theirs}, repeats)
+    t['kernel'] = t['kernel_theirs'] / t['kernel_ours']
+    t['gflops'] = (kernel_flops / t['kernel_ours'] / 1e9, kernel_flops / t['kernel_theirs'] / 1e9)
+    return t
+
+  ours_1, n_params, model, _ = train_step_fn(args.batch, one)
+  fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
+  if n_dev > 1:
+    fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
+  train = measure(fns, args.repeats, backward=True)
+  train_1, theirs_train = train['ours_1'], train['theirs']
+  train_n = train.get('ours_n', train_1)
   print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
         f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
-        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x')
-  ddim_1, model = bench_ddim(args.batch, args.repeats, one)
-  ddim_n = bench_ddim(args.batch, args.repeats, all_devices)[0] if n_dev > 1 else ddim_1
-  theirs_ddim = bench_torch_ddim(model, args.batch, max(1, args.repeats // 2))
+        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; kernel {train["kernel"]:.2f}x')
+  ddim_ours_1, model = ddim_fn(args.batch, one)
+  fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
+  if n_dev > 1:
+    fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
+  ddim = measure(fns, max(2, args.repeats // 2))
+  ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
+  ddim_n = ddim.get('ours_n', ddim_1)
   print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
         f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
         f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
-        f'{theirs_ddim / ddim_n:.2f}x')
+        f'{theirs_ddim / ddim_n:.2f}x; kernel {ddim["kernel"]:.2f}x')
   steps = bench_ddim_vs_ddpm(64)
-  xla_gf, torch_gf, kernel = conv_kernel_ratio(args.repeats)
-  print(f'conv-kernel ratio (3x3 conv, f32): XLA {xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}: '
-        f'{kernel:.2f}x')
   print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
         f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
 
@@ -231,17 +313,20 @@ def main():
         'time / our time (> 1: ours is faster). "N devices" is our data-parallel mesh over N CPU '
         'devices, what `--config.cpu_devices=N` gives a training run; torch uses all cores through '
         'its threads.\n\n'
-        f'"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128) measured in the same run '
-        f'(XLA {xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}): a conv net below it loses time '
-        'outside the kernels.\n\n'
+        '"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128; for (a) its forward and '
+        'both gradients) measured in the same rounds (XLA / PyTorch GFLOP/s in brackets): a conv '
+        'net below it loses time outside the kernels. Times are medians of rounds that call each '
+        'side and the kernel in turn.\n\n'
         '| what | ours, 1 device | ours, all devices | diffusers (PyTorch) | ratio 1 / all | kernel |\n'
         '|---|---|---|---|---|---|\n'
         f'| (a) train step, cifar10 U-Net {n_params / 1e6:.1f}M, batch {args.batch}, f32 | '
         f'{train_1:.3f} s | {train_n:.3f} s ({n_dev}) | {theirs_train:.3f} s | '
-        f'{theirs_train / train_1:.2f}x / {theirs_train / train_n:.2f}x | {kernel:.2f}x |\n'
+        f'{theirs_train / train_1:.2f}x / {theirs_train / train_n:.2f}x | {train["kernel"]:.2f}x '
+        f'({train["gflops"][0]:.0f} / {train["gflops"][1]:.0f}) |\n'
         f'| (b) DDIM-50 sampling, batch {args.batch} | {args.batch / ddim_1:.2f} img/s | '
         f'{args.batch / ddim_n:.2f} img/s | {args.batch / theirs_ddim:.2f} img/s | '
-        f'{theirs_ddim / ddim_1:.2f}x / {theirs_ddim / ddim_n:.2f}x | {kernel:.2f}x |\n'
+        f'{theirs_ddim / ddim_1:.2f}x / {theirs_ddim / ddim_n:.2f}x | {ddim["kernel"]:.2f}x '
+        f'({ddim["gflops"][0]:.0f} / {ddim["gflops"][1]:.0f}) |\n'
         f'| (c) ours: DDPM-1000 vs DDIM-50 wall time (demo U-Net, batch 64, 1 device) | '
         f'DDIM-50 {steps["ddim50"]:.2f} s | DDPM-1000 {steps["ddpm1000"]:.2f} s | | '
         f'{steps["ddpm1000"] / steps["ddim50"]:.1f}x faster | |\n')

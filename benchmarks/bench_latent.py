@@ -1,6 +1,6 @@
 """latent/ speed against diffusers (PyTorch), side by side in one run.
 
-  python benchmarks/bench_latent.py [--batch 16] [--repeats 3] [--write]
+  python benchmarks/bench_latent.py [--batch 16] [--repeats 5] [--write]
 
 (a) stage-2 train step of `ldm_anime_text` (text encoder + conditional U-Net on
     16x16x4 latents, condition dropout, Adam, EMA) against diffusers'
@@ -31,7 +31,8 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from bench_ddpm import conv_kernel_ratio, timed, torch_on, write_section, xla_flops  # pylint: disable=wrong-import-position
+from bench_ddpm import (conv_kernel_fns, interleaved, lowered_flops, timed, torch_on,  # pylint: disable=wrong-import-position
+                        write_section, xla_flops)
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
 from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
@@ -53,7 +54,9 @@ def ldm_setup(batch, dtype='float32'):
   return config, model, stage1, tokenizer
 
 
-def bench_ours_train(batch, repeats, dtype='float32', with_flops=False):
+def ours_train_fn(batch, dtype='float32'):
+  """(fn running one train step to completion, [the current state], config, model,
+  lower(): the step lowered for the current state)."""
   config, model, stage1, tokenizer = ldm_setup(batch, dtype)
   mesh = mesh_lib.make_mesh()
   schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
@@ -63,11 +66,15 @@ def bench_ours_train(batch, repeats, dtype='float32', with_flops=False):
       s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
       rules=ddpm_train.rules_of(config)), mesh)
   ours, box = stepper(step, state, latent_batch(tokenizer, batch), mesh)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  lower = lambda: step.lower(box[0], mesh_lib.shard_batch(latent_batch(tokenizer, batch), mesh))
+  return ours, box, config, model, lower
+
+
+def bench_ours_train(batch, repeats, dtype='float32', with_flops=False):
+  ours, box, config, model, lower = ours_train_fn(batch, dtype)
   seconds = timed(ours, repeats)
-  flops = (xla_flops(step, box[0], mesh_lib.shard_batch(latent_batch(tokenizer, batch), mesh))
-           if with_flops else 0.0)
-  return seconds, n_params, config, model, box[0].params, flops
+  n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
+  return seconds, n_params, config, model, box[0].params, lowered_flops(lower()) if with_flops else 0.0
 
 
 def latent_batch(tokenizer, batch, prompt='blonde long hair and blue eyes'):
@@ -84,8 +91,8 @@ def stepper(step, state, batch_np, mesh):
   box = [state]
 
   def run():
-    box[0], metrics = step(box[0], mesh_lib.shard_batch(batch_np, mesh))
-    metrics['loss'].block_until_ready()
+    box[0], _ = step(box[0], mesh_lib.shard_batch(batch_np, mesh))
+    jax.block_until_ready(box[0])  # The whole update (Adam, EMA), not just the loss.
 
   return run, box
 
@@ -115,7 +122,8 @@ def encode_text(text_encoder, ids):
   return text_encoder.norm(text_encoder.encoder(text_encoder.embed(ids)))
 
 
-def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float32'):
+def torch_train_fn(config, model, batch, device='cpu', dtype='float32'):
+  """(fn running one diffusers train step, (unet, text_encoder))."""
   autocast, sync = torch_on(device, dtype)
   unet, text_encoder = (m.to(device) for m in torch_modules(config, model))
   params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -137,20 +145,28 @@ def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float3
     opt.step()
     sync()
 
-  return timed(theirs, repeats), (unet, text_encoder)
+  return theirs, (unet, text_encoder)
 
 
-def bench_ours_sampling(config, model, params, batch, repeats):
+def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float32'):
+  theirs, modules = torch_train_fn(config, model, batch, device, dtype)
+  return timed(theirs, repeats), modules
+
+
+def ours_sampling_fn(config, model, params, batch):
   config.sample.num_steps = 50
   stage1 = types.SimpleNamespace(scale_factor=1.0)
   fn = train.make_sample_fn(config, model, ddpm_train.build_schedule(config), stage1, decode=False)
   ids = jnp.full((batch, config.conditioning.max_length), 3, jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(1), (batch, LATENT, LATENT, CHANNELS))
-  return timed(lambda: fn(params, None, jax.random.PRNGKey(2), ids, noise, 4.0).block_until_ready(),
-               repeats)
+  return lambda: fn(params, None, jax.random.PRNGKey(2), ids, noise, 4.0).block_until_ready()
 
 
-def bench_torch_sampling(config, modules, batch, repeats, device='cpu', dtype='float32'):
+def bench_ours_sampling(config, model, params, batch, repeats):
+  return timed(ours_sampling_fn(config, model, params, batch), repeats)
+
+
+def torch_sampling_fn(config, modules, batch, device='cpu', dtype='float32'):
   autocast, sync = torch_on(device, dtype)
   unet, text_encoder = (m.eval() for m in modules)
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', clip_sample=False)
@@ -169,10 +185,15 @@ def bench_torch_sampling(config, modules, batch, repeats, device='cpu', dtype='f
         z = sched.step(uncond + 4.0 * (cond - uncond), t, z).prev_sample
     sync()
 
-  return timed(theirs, repeats)
+  return theirs
 
 
-def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
+def bench_torch_sampling(config, modules, batch, repeats, device='cpu', dtype='float32'):
+  return timed(torch_sampling_fn(config, modules, batch, device, dtype), repeats)
+
+
+def vae_fns(batch, device='cpu', dtype='float32'):
+  """(our encode + decode, diffusers', parameter count, FLOPs fn)."""
   autocast, sync = torch_on(device, dtype)
   config = vae_anime.get_config()
   config.vae.dtype = dtype
@@ -181,7 +202,7 @@ def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
   params = autoencoder.init_params(model, jax.random.PRNGKey(0), size)
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 3), minval=-1, maxval=1)
   fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
-  ours = timed(lambda: fn(params, x).block_until_ready(), repeats)
+  ours = lambda: fn(params, x).block_until_ready()
   vae = AutoencoderKL(**autoencoder.diffusers_config(model)).eval().to(device)
   xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
 
@@ -192,45 +213,65 @@ def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
     sync()
 
   n_params = sum(v.size for v in jax.tree.leaves(params))
+  return ours, theirs, n_params, lambda: xla_flops(fn, params, x)
+
+
+def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
+  ours, theirs, n_params, flops = vae_fns(batch, device, dtype)
   if with_flops:
-    return ours, timed(theirs, repeats), n_params, xla_flops(fn, params, x)
-  return ours, timed(theirs, repeats), n_params
+    return timed(ours, repeats), timed(theirs, repeats), n_params, flops()
+  return timed(ours, repeats), timed(theirs, repeats), n_params
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=5, help='Rounds for (a) and (c); (b), '
+                      'about a minute per call, gets a third of them (at least 2).')
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args()
   torch.manual_seed(0)
   b, r = args.batch, args.repeats
-  ours_train, n_params, config, model, params, _ = bench_ours_train(b, r)
-  theirs_train, modules = bench_torch_train(config, model, b, r)
-  ours_sample = bench_ours_sampling(config, model, params, b, 1)
-  theirs_sample = bench_torch_sampling(config, modules, b, 1)
-  ours_vae, theirs_vae, vae_params = bench_vae(b, r)
-  xla_gf, torch_gf, kernel = conv_kernel_ratio(max(r, 3))
+
+  def measure(ours, theirs, repeats, backward=False):
+    """(ours s, theirs s, kernel ratio, XLA and PyTorch conv GFLOP/s), all in the same rounds;
+    the kernel with its gradients for a train step."""
+    kernel_ours, kernel_theirs, kernel_flops = conv_kernel_fns(backward=backward)
+    t = interleaved({'ours': ours, 'theirs': theirs, 'kernel_ours': kernel_ours,
+                     'kernel_theirs': kernel_theirs}, repeats)
+    return (t['ours'], t['theirs'], t['kernel_theirs'] / t['kernel_ours'],
+            kernel_flops / t['kernel_ours'] / 1e9, kernel_flops / t['kernel_theirs'] / 1e9)
+
+  ours_train, box, config, model, _ = ours_train_fn(b)
+  theirs_train, modules = torch_train_fn(config, model, b)
+  rows = {'train': measure(ours_train, theirs_train, r, backward=True)}
+  rows['sample'] = measure(ours_sampling_fn(config, model, box[0].params, b),
+                           torch_sampling_fn(config, modules, b), max(2, r // 3))
+  ours_vae, theirs_vae, vae_params, _ = vae_fns(b)
+  rows['vae'] = measure(ours_vae, theirs_vae, r)
+  n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
   device = jax.devices()[0]
+  cell = lambda row, fmt: (f'{row[0]:{fmt}} s | {row[1]:{fmt}} s | {row[1] / row[0]:.2f}x | '
+                           f'{row[2]:.2f}x ({row[3]:.0f} / {row[4]:.0f}) |')
   lines = [
       '## latent',
       '',
       f'Machine: {platform.machine()}, {len(jax.devices())} JAX device(s) {device.platform}:'
       f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
       f'jax {jax.__version__}. Command: `python benchmarks/bench_latent.py --batch {b} '
-      f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster). '
-      f'"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128) in the same run (XLA '
-      f'{xla_gf:.0f} GFLOP/s, PyTorch {torch_gf:.0f}): below it, time goes outside the kernels.',
+      f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster), '
+      'medians of rounds that call ours, diffusers and the kernel in turn. "Kernel" is the ratio '
+      'of one f32 3x3 convolution (16x32x32x128; for (a) its forward and both gradients) in the '
+      'same rounds (XLA / PyTorch GFLOP/s): '
+      'below it, time goes outside the kernels.',
       '',
       '| what | ours | diffusers | ratio | kernel |',
       '|---|---|---|---|---|',
       f'| (a) ldm_anime_text train step, batch {b} ({n_params / 1e6:.1f}M parameters: text encoder '
-      f'+ U-Net on 16x16x4) | {ours_train:.3f} s | {theirs_train:.3f} s | '
-      f'{theirs_train / ours_train:.2f}x | {kernel:.2f}x |',
-      f'| (b) guided DDIM-50, batch {b} (cond + uncond in one pass) | {ours_sample:.2f} s | '
-      f'{theirs_sample:.2f} s | {theirs_sample / ours_sample:.2f}x | {kernel:.2f}x |',
+      f'+ U-Net on 16x16x4) | {cell(rows["train"], ".3f")}',
+      f'| (b) guided DDIM-50, batch {b} (cond + uncond in one pass) | {cell(rows["sample"], ".2f")}',
       f'| (c) vae_anime encode + decode, batch {b} at 64x64 ({vae_params / 1e6:.1f}M) | '
-      f'{ours_vae:.3f} s | {theirs_vae:.3f} s | {theirs_vae / ours_vae:.2f}x | {kernel:.2f}x |',
+      f'{cell(rows["vae"], ".3f")}',
       '',
   ]
   report = '\n'.join(lines)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common.layers import dense, dot_product_attention
+
 Dtype = Any
 
 
@@ -48,19 +50,6 @@ def _conv(features, name, dtype, kernel=3, stride=1):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  dtype=dtype, name=name)
-
-
-def dot_product_attention(q, k, v, mask=None):
-  """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]; `mask` [B, Lk] True = attend.
-
-  Logits and softmax in float32 even under bfloat16 compute (diffusers' upcast_softmax).
-  """
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(q.shape[-1])
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 
 class ResnetBlock(nn.Module):
@@ -103,9 +92,9 @@ class AttentionBlock(nn.Module):
     heads = c // head_dim
     y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
     y = y.reshape(b, h * w, c)
-    proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, h * w, heads, head_dim)
+    proj = lambda name: dense(y, c, dtype=self.dtype, name=name).reshape(b, h * w, heads, head_dim)
     y = dot_product_attention(proj('to_q'), proj('to_k'), proj('to_v')).reshape(b, h * w, c)
-    y = nn.Dense(c, dtype=self.dtype, name='to_out_0')(y)
+    y = dense(y, c, dtype=self.dtype, name='to_out_0')
     return x + y.reshape(b, h, w, c)
 
 

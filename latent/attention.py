@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm.models import dot_product_attention
+from common.layers import dense, dot_product_attention, gelu
 
 
 class Attention(nn.Module):
@@ -29,11 +29,11 @@ class Attention(nn.Module):
   def __call__(self, x, context=None, mask=None):
     context = x if context is None else context.astype(self.dtype)
     inner = self.heads * self.head_dim
-    proj = lambda name, y: nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype,
-                                    name=name)(y).reshape(*y.shape[:2], self.heads, self.head_dim)
+    proj = lambda name, y: dense(y, inner, use_bias=self.qkv_bias, dtype=self.dtype,
+                                 name=name).reshape(*y.shape[:2], self.heads, self.head_dim)
     out = dot_product_attention(proj('to_q', x), proj('to_k', context), proj('to_v', context),
                                 mask)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='to_out_0')(out.reshape(*x.shape[:2], inner))
+    return dense(out.reshape(*x.shape[:2], inner), x.shape[-1], dtype=self.dtype, name='to_out_0')
 
 
 class GEGLUFeedForward(nn.Module):
@@ -44,8 +44,8 @@ class GEGLUFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     inner = self.mult * x.shape[-1]
-    h, gate = jnp.split(nn.Dense(2 * inner, dtype=self.dtype, name='net_0.proj')(x), 2, axis=-1)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h * nn.gelu(gate, approximate=False))
+    h, gate = jnp.split(dense(x, 2 * inner, dtype=self.dtype, name='net_0.proj'), 2, axis=-1)
+    return dense(h * gelu(gate), x.shape[-1], dtype=self.dtype, name='net_2')
 
 
 class BasicTransformerBlock(nn.Module):
@@ -77,7 +77,8 @@ class Transformer2D(nn.Module):
   @nn.compact
   def __call__(self, x, context, mask=None):
     b, h, w, c = x.shape
-    proj = lambda name: (nn.Dense(c, dtype=self.dtype, name=name) if self.linear_projection
+    proj = lambda name: ((lambda y: dense(y, c, dtype=self.dtype, name=name))
+                         if self.linear_projection
                          else nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
     y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     y = proj('proj_in')(y).reshape(b, h * w, c)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 
 import flax.linen as nn
@@ -25,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import errors
+from common.layers import dense, dot_product_attention, gelu
 
 ACTIVATIONS = {
     'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),       # OpenAI CLIP (SD 1.x).
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),           # OpenCLIP (SD 2.x).
+    'gelu': gelu,                                                  # OpenCLIP (SD 2.x).
 }
 
 
@@ -41,14 +41,10 @@ class Attention(nn.Module):
   def __call__(self, x, mask):
     b, n, d = x.shape
     head_dim = d // self.heads
-    proj = lambda name: nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, n, self.heads,
-                                                                          head_dim)
-    q, k, v = proj('q_proj'), proj('k_proj'), proj('v_proj')
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits / math.sqrt(head_dim), jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
-    return nn.Dense(d, dtype=self.dtype, name='out_proj')(out)
+    proj = lambda name: dense(x, d, dtype=self.dtype, name=name).reshape(b, n, self.heads,
+                                                                         head_dim)
+    out = dot_product_attention(proj('q_proj'), proj('k_proj'), proj('v_proj'), mask)
+    return dense(out.reshape(b, n, d), d, dtype=self.dtype, name='out_proj')
 
 
 class EncoderLayer(nn.Module):
@@ -64,8 +60,8 @@ class EncoderLayer(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
     x = x + Attention(self.heads, self.dtype, name='self_attn')(ln('layer_norm1')(x), mask)
     h = ln('layer_norm2')(x)
-    h = nn.Dense(self.intermediate_size, dtype=self.dtype, name='mlp.fc1')(h)
-    h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp.fc2')(ACTIVATIONS[self.activation](h))
+    h = dense(h, self.intermediate_size, dtype=self.dtype, name='mlp.fc1')
+    h = dense(ACTIVATIONS[self.activation](h), x.shape[-1], dtype=self.dtype, name='mlp.fc2')
     return x + h
 
 

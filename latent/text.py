@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from common.layers import dense
 from latent import attention
 
 PAD, UNK = '<pad>', '<unk>'
@@ -106,8 +107,8 @@ class EncoderLayer(nn.Module):
     x = x + attention.Attention(self.heads, width // self.heads, dtype=self.dtype,
                                 name='self_attn')(h, mask=mask)
     h = nn.LayerNorm(dtype=self.dtype, name='layer_norm2')(x)
-    h = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, name='mlp.fc1')(h)
-    return x + nn.Dense(width, dtype=self.dtype, name='mlp.fc2')(nn.gelu(h))
+    h = dense(h, self.mlp_ratio * width, dtype=self.dtype, name='mlp.fc1')
+    return x + dense(nn.gelu(h), width, dtype=self.dtype, name='mlp.fc2')
 
 
 class TextEncoder(nn.Module):
