@@ -66,12 +66,17 @@ TARGETS = {'ddpm-train': ddpm_train_step, 'ddpm-forward': ddpm_forward,
 
 def op_table(trace_dir: str, hlo: str, runs: int, top: int) -> str:
   """The per-kind and per-op table of a trace (times per run)."""
-  decl = {}
+  decl, bodies, computation = {}, collections.defaultdict(str), None
   for line in hlo.split('\n'):
+    if line and not line.startswith(' ') and line.endswith('{'):
+      computation = line.split(' ')[0].lstrip('%')
     m = re.match(r'^\s+(?:ROOT )?%?([\w.\-]+) = (\S+) (.*)', line)
     if m:
+      bodies[computation] += line
       meta = re.search(r'op_name="([^"]*)"', m.group(3))
-      decl[m.group(1)] = (m.group(2), meta.group(1) if meta else '', m.group(3))
+      called = re.search(r'calls=%?([\w.\-]+)', m.group(3))
+      decl[m.group(1)] = (m.group(2), meta.group(1) if meta else '', m.group(3),
+                          called.group(1) if called else '')
   trace = glob.glob(f'{trace_dir}/**/*.trace.json.gz', recursive=True)[0]
   per_op = collections.Counter()
   for event in json.load(gzip.open(trace))['traceEvents']:
@@ -79,10 +84,10 @@ def op_table(trace_dir: str, hlo: str, runs: int, top: int) -> str:
       per_op[event['name']] += event['dur'] / 1e3 / runs
   kinds = collections.Counter()
   for name, ms in per_op.items():
-    _, meta, rest = decl.get(name, ('', '', ''))
+    _, meta, rest, called = decl.get(name, ('', '', '', ''))
     kind = name.split('.')[0]
     if kind.endswith('_fusion') and 'kCustom' in rest:  # A library call (YNNPACK, oneDNN).
-      kind = 'conv' if 'conv' in meta else 'matmul/reduce'
+      kind = 'conv' if 'convolution(' in bodies[called] else 'matmul/reduce'
     elif 'transpose' in kind or kind.startswith('copy'):
       kind = 'layout copy'
     elif kind.endswith('fusion') or kind.startswith('wrapped'):
@@ -93,7 +98,7 @@ def op_table(trace_dir: str, hlo: str, runs: int, top: int) -> str:
   lines += [f'  {ms:9.1f} ms {100 * ms / total:5.1f}%  {kind}' for kind, ms in kinds.most_common()]
   lines += ['', f'top {top} ops:']
   for name, ms in per_op.most_common(top):
-    shape, meta, _ = decl.get(name, ('?', '', ''))
+    shape, meta, _, _ = decl.get(name, ('?', '', '', ''))
     lines.append(f'  {ms:8.2f} ms  {name:26s} {shape:30s} {meta[-80:]}')
   return '\n'.join(lines)
 
