@@ -123,6 +123,17 @@ def conv_kernel_fns(shape=(16, 32, 32, 128), backward: bool = False):
   return lambda: jax.block_until_ready(grads(x, k)), theirs_backward, 3 * flops
 
 
+def with_kernel(fns: dict, repeats: int, backward: bool = False) -> dict:
+  """`interleaved` of `fns` and the conv kernel (forward, or forward + backward for a train
+  step) in the same rounds: {name: median s, 'kernel': PyTorch / XLA kernel time,
+  'gflops': (XLA, PyTorch)}."""
+  kernel_ours, kernel_theirs, flops = conv_kernel_fns(backward=backward)
+  t = interleaved({**fns, 'kernel_ours': kernel_ours, 'kernel_theirs': kernel_theirs}, repeats)
+  t['kernel'] = t['kernel_theirs'] / t['kernel_ours']
+  t['gflops'] = (flops / t['kernel_ours'] / 1e9, flops / t['kernel_theirs'] / 1e9)
+  return t
+
+
 def xla_flops(jitted, *args) -> float:
   """FLOPs of one call, from XLA's cost analysis of the compiled program (0 if unavailable)."""
   return lowered_flops(jitted.lower(*args))
@@ -271,20 +282,11 @@ def main():
   one, all_devices = jax.devices()[:1], jax.devices()
   n_dev = len(all_devices)
 
-  def measure(fns, repeats, backward=False):
-    """{name: median s} of `fns` and the conv kernel (forward, or forward + backward), all in
-    the same rounds."""
-    kernel_ours, kernel_theirs, kernel_flops = conv_kernel_fns(backward=backward)
-    t = interleaved({**fns, 'kernel_ours': kernel_ours, 'kernel_theirs': kernel_theirs}, repeats)
-    t['kernel'] = t['kernel_theirs'] / t['kernel_ours']
-    t['gflops'] = (kernel_flops / t['kernel_ours'] / 1e9, kernel_flops / t['kernel_theirs'] / 1e9)
-    return t
-
   ours_1, n_params, model, _ = train_step_fn(args.batch, one)
   fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
   if n_dev > 1:
     fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
-  train = measure(fns, args.repeats, backward=True)
+  train = with_kernel(fns, args.repeats, backward=True)
   train_1, theirs_train = train['ours_1'], train['theirs']
   train_n = train.get('ours_n', train_1)
   print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
@@ -294,7 +296,7 @@ def main():
   fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
   if n_dev > 1:
     fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
-  ddim = measure(fns, max(2, args.repeats // 2))
+  ddim = with_kernel(fns, max(2, args.repeats // 2))
   ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
   ddim_n = ddim.get('ours_n', ddim_1)
   print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '

@@ -31,8 +31,8 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from bench_ddpm import (conv_kernel_fns, interleaved, lowered_flops, timed, torch_on,  # pylint: disable=wrong-import-position
-                        write_section, xla_flops)
+from bench_ddpm import (lowered_flops, timed, torch_on, with_kernel, write_section,  # pylint: disable=wrong-import-position
+                        xla_flops)
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
 from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
@@ -233,14 +233,8 @@ def main():
   torch.manual_seed(0)
   b, r = args.batch, args.repeats
 
-  def measure(ours, theirs, repeats, backward=False):
-    """(ours s, theirs s, kernel ratio, XLA and PyTorch conv GFLOP/s), all in the same rounds;
-    the kernel with its gradients for a train step."""
-    kernel_ours, kernel_theirs, kernel_flops = conv_kernel_fns(backward=backward)
-    t = interleaved({'ours': ours, 'theirs': theirs, 'kernel_ours': kernel_ours,
-                     'kernel_theirs': kernel_theirs}, repeats)
-    return (t['ours'], t['theirs'], t['kernel_theirs'] / t['kernel_ours'],
-            kernel_flops / t['kernel_ours'] / 1e9, kernel_flops / t['kernel_theirs'] / 1e9)
+  measure = lambda ours, theirs, repeats, backward=False: with_kernel(
+      {'ours': ours, 'theirs': theirs}, repeats, backward)
 
   ours_train, box, config, model, _ = ours_train_fn(b)
   theirs_train, modules = torch_train_fn(config, model, b)
@@ -251,8 +245,9 @@ def main():
   rows['vae'] = measure(ours_vae, theirs_vae, r)
   n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
   device = jax.devices()[0]
-  cell = lambda row, fmt: (f'{row[0]:{fmt}} s | {row[1]:{fmt}} s | {row[1] / row[0]:.2f}x | '
-                           f'{row[2]:.2f}x ({row[3]:.0f} / {row[4]:.0f}) |')
+  cell = lambda t, fmt: (f'{t["ours"]:{fmt}} s | {t["theirs"]:{fmt}} s | '
+                         f'{t["theirs"] / t["ours"]:.2f}x | {t["kernel"]:.2f}x '
+                         f'({t["gflops"][0]:.0f} / {t["gflops"][1]:.0f}) |')
   lines = [
       '## latent',
       '',
