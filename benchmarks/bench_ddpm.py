@@ -13,6 +13,8 @@ section of benchmarks/RESULTS.md.
 """
 
 import argparse
+import functools
+import math
 import os
 import platform
 import re
@@ -23,6 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.torch_compat import patch_torchvision  # pylint: disable=wrong-import-position
@@ -82,52 +85,119 @@ def interleaved(fns: dict, repeats: int, gap: float = 2.0) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def conv_kernel_fns(shape=(16, 32, 32, 128), backward: bool = False):
-  """(XLA call, PyTorch call, FLOPs) of one f32 3x3 convolution of the same shape; with
-  `backward`, the convolution and both its gradients (input and kernel), as in a train step.
+def layer_calls(fn, *args) -> list:
+  """Every nn.Conv and nn.Dense call that tracing fn(*args) makes, in order: ('dense', x shape
+  [N, C_in], kernel shape, dtype) with the input flattened to 2-D, or ('conv', x shape, kernel
+  shape, dtype, strides, explicit padding). Trace before fn is first called (a cached trace
+  records nothing)."""
+  calls = []
 
-  The floor of what a conv net can reach against PyTorch on this machine: a benchmark whose
-  ratio is below this one loses time outside the convolution kernels. A train step also runs
-  both gradients, whose speed against PyTorch differs from the forward's (the kernel gradient
-  at 16x32x32, 384 -> 128 channels: 186 against 320 GFLOP/s), so train steps are held to the
-  forward + backward ratio. One shape stands only roughly for a model's mix of shapes
-  (RESULTS.md, "ddpm").
+  def record(next_fun, args_, kwargs, context):
+    m, x = context.module, args_[0] if args_ else None
+    if context.method_name == '__call__' and isinstance(m, nn.Dense):
+      calls.append(('dense', (math.prod(x.shape[:-1]), x.shape[-1]), (x.shape[-1], m.features),
+                    m.dtype or x.dtype))
+    elif context.method_name == '__call__' and isinstance(m, nn.Conv):
+      assert x.ndim == 4 and m.feature_group_count == 1, (x.shape, m)
+      kernel = (*m.kernel_size, x.shape[-1], m.features)
+      strides = m.strides or 1
+      strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+      pad = m.padding
+      if isinstance(pad, str):
+        pad = jax.lax.padtype_to_pads(x.shape[1:3], kernel[:2], strides, pad)
+      elif isinstance(pad, int):
+        pad = ((pad, pad),) * 2
+      pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+      calls.append(('conv', x.shape, kernel, m.dtype or x.dtype, strides, pad))
+    return next_fun(*args_, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(fn, *args)
+  if not calls:
+    raise ValueError('no nn.Conv / nn.Dense call was traced: was fn already called (cached)?')
+  return calls
+
+
+def kernel_fns(calls, backward: bool = False):
+  """(XLA fn, PyTorch fn, FLOPs): a model's conv and dense layers alone, each of `calls`
+  (`layer_calls`) run in turn at its shape, without bias, in each framework (convs NHWC /
+  channels-last, dense as a matmul: nn.Linear's layout in PyTorch); with `backward`, each
+  call's output and both its gradients (input and kernel), as in a train step.
+
+  The floor of what the model can reach against PyTorch on this machine: a benchmark whose
+  ratio is below this one loses time outside these kernels. One conv shape does not stand for
+  a model: XLA's speed against PyTorch differs from shape to shape and between the forward,
+  the input gradient and the kernel gradient (RESULTS.md, "ddpm"). The outputs are returned
+  with the gradients because from the gradients alone XLA drops the forward op (a linear
+  map's gradients do not need its output), which made an earlier one-shape "forward +
+  backward" kernel time XLA's backward against PyTorch's forward and backward.
   """
-  b, h, w, c = shape
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, c))
-  conv = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  xt = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
-  kt = torch.randn(c, c, 3, 3).contiguous(memory_format=torch.channels_last)
-  flops = 2 * b * h * w * c * c * 9
-  if not backward:
-    fwd = jax.jit(conv)
+  torch_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+  arrays, ours, theirs, flops = {}, [], [], 0
 
-    def theirs():
-      with torch.no_grad():
-        torch.nn.functional.conv2d(xt, kt, padding=1)
+  def array(shape, dtype, to_torch, grad=backward):  # One per shape and layout, shared by calls.
+    key = (shape, jnp.dtype(dtype).name, to_torch)
+    if key not in arrays:
+      x = np.random.RandomState(len(arrays)).randn(*shape).astype(np.float32)
+      arrays[key] = (jnp.asarray(x, dtype),
+                     to_torch(torch.from_numpy(x)).to(torch_dtype[key[1]]).requires_grad_(grad))
+    return arrays[key]
 
-    return lambda: fwd(x, k).block_until_ready(), theirs, flops
+  nchw = lambda t: t.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+  oihw = lambda t: t.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+  rows = lambda t: t.contiguous()
+  out_in = lambda t: t.t().contiguous()  # nn.Linear's weight layout.
+  for kind, x_shape, k_shape, dtype, *conv_args in calls:
+    if kind == 'dense':
+      op, torch_op, x_layout, k_layout = jnp.dot, torch.nn.functional.linear, rows, out_in
+    else:
+      strides, pad = conv_args
+      if any(lo != hi for lo, hi in pad):  # Padded beforehand: PyTorch pads symmetrically only.
+        x_shape = (x_shape[0], x_shape[1] + sum(pad[0]), x_shape[2] + sum(pad[1]), x_shape[3])
+        pad = ((0, 0), (0, 0))
+      op = functools.partial(jax.lax.conv_general_dilated, window_strides=strides, padding=pad,
+                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      torch_op = functools.partial(torch.nn.functional.conv2d, stride=strides,
+                                   padding=(pad[0][0], pad[1][0]))
+      x_layout, k_layout = nchw, oihw
+    x, xt = array(x_shape, dtype, x_layout)
+    k, kt = array(k_shape, dtype, k_layout)
+    y_shape = jax.eval_shape(op, x, k).shape
+    flops += 2 * math.prod(y_shape) * math.prod(k_shape[:-1]) * (3 if backward else 1)
+    if not backward:
+      ours.append(functools.partial(jax.jit(op), x, k))
+      theirs.append(functools.partial(torch_op, xt, kt))
+      continue
+    dy, dyt = array(y_shape, dtype, x_layout, grad=False)
 
-  dy = jax.random.normal(jax.random.PRNGKey(2), shape)
-  grads = jax.jit(jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), argnums=(0, 1)))
-  xt.requires_grad_(True)
-  kt.requires_grad_(True)
-  dyt = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+    def fwd_bwd(x, k, dy, op=op):  # The output too (see above).
+      y, vjp = jax.vjp(op, x, k)
+      return y, vjp(dy)
 
-  def theirs_backward():
-    xt.grad = kt.grad = None
-    torch.nn.functional.conv2d(xt, kt, padding=1).backward(dyt)
+    def torch_fwd_bwd(xt, kt, dyt, torch_op=torch_op):
+      xt.grad = kt.grad = None
+      torch_op(xt, kt).backward(dyt)
 
-  return lambda: jax.block_until_ready(grads(x, k)), theirs_backward, 3 * flops
+    ours.append(functools.partial(jax.jit(fwd_bwd), x, k, dy))
+    theirs.append(functools.partial(torch_fwd_bwd, xt, kt, dyt))
+
+  def run_ours():
+    for f in ours:
+      jax.block_until_ready(f())
+
+  def run_theirs():
+    with torch.set_grad_enabled(backward):
+      for f in theirs:
+        f()
+
+  return run_ours, run_theirs, flops
 
 
-def with_kernel(fns: dict, repeats: int, backward: bool = False) -> dict:
-  """`interleaved` of `fns` and the conv kernel (forward, or forward + backward for a train
-  step) in the same rounds: {name: median s, 'kernel': PyTorch / XLA kernel time,
-  'gflops': (XLA, PyTorch)}."""
-  kernel_ours, kernel_theirs, flops = conv_kernel_fns(backward=backward)
+def with_kernel(fns: dict, repeats: int, calls: list, backward: bool = False) -> dict:
+  """`interleaved` of `fns` and the model's kernels (`kernel_fns` of its `calls`: forward, or
+  forward + backward for a train step) in the same rounds: {name: median s, 'kernel':
+  PyTorch / XLA kernel time, 'gflops': (XLA, PyTorch)}."""
+  kernel_ours, kernel_theirs, flops = kernel_fns(calls, backward)
   t = interleaved({**fns, 'kernel_ours': kernel_ours, 'kernel_theirs': kernel_theirs}, repeats)
   t['kernel'] = t['kernel_theirs'] / t['kernel_ours']
   t['gflops'] = (flops / t['kernel_ours'] / 1e9, flops / t['kernel_theirs'] / 1e9)
@@ -151,7 +221,8 @@ def lowered_flops(lowered) -> float:
 
 def train_step_fn(batch, devices, dtype='float32'):
   """(fn running our trainer's own jitted step (EMA, clipping included) on a mesh of `devices`,
-  parameter count, model, lower(): the step lowered for the current state)."""
+  parameter count, model, lower(): the step lowered for the current state, the step's
+  `layer_calls`)."""
   config = cifar10.get_config()
   config.model.dtype = dtype
   config.model.dropout = 0.0  # Same work on both sides.
@@ -163,6 +234,7 @@ def train_step_fn(batch, devices, dtype='float32'):
   state = train.create_train_state(config, model, tx, mesh)
   step_fn = train.make_train_step(config, model, schedule, tx, mesh)
   images = np.random.RandomState(0).randint(0, 256, (batch, 32, 32, 3), np.uint8)
+  calls = layer_calls(step_fn, state, mesh_lib.shard_batch(images, mesh))
   box = [state]
 
   def ours():
@@ -170,11 +242,12 @@ def train_step_fn(batch, devices, dtype='float32'):
     jax.block_until_ready(box[0])  # The whole update, not just the loss.
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return ours, n_params, model, lambda: step_fn.lower(box[0], mesh_lib.shard_batch(images, mesh))
+  return (ours, n_params, model,
+          lambda: step_fn.lower(box[0], mesh_lib.shard_batch(images, mesh)), calls)
 
 
 def bench_train_step(batch, repeats, devices, dtype='float32', with_flops=False):
-  ours, n_params, model, lower = train_step_fn(batch, devices, dtype)
+  ours, n_params, model, lower, _ = train_step_fn(batch, devices, dtype)
   seconds = timed(ours, repeats)
   if with_flops:
     return seconds, n_params, model, lowered_flops(lower())
@@ -221,11 +294,12 @@ def ddim_fn(batch, devices, dtype='float32'):
   sample_fn = train.make_sample_fn(config, model, schedule)
   x_T = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3)),
                        mesh_lib.data_sharding(mesh))
-  return lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready(), model
+  calls = layer_calls(sample_fn, params, jax.random.PRNGKey(2), x_T)  # One network call's.
+  return lambda: sample_fn(params, jax.random.PRNGKey(2), x_T).block_until_ready(), model, calls
 
 
 def bench_ddim(batch, repeats, devices, dtype='float32'):
-  ours, model = ddim_fn(batch, devices, dtype)
+  ours, model, _ = ddim_fn(batch, devices, dtype)
   return timed(ours, repeats), model
 
 
@@ -282,27 +356,29 @@ def main():
   one, all_devices = jax.devices()[:1], jax.devices()
   n_dev = len(all_devices)
 
-  ours_1, n_params, model, _ = train_step_fn(args.batch, one)
+  ours_1, n_params, model, _, calls = train_step_fn(args.batch, one)
   fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
   if n_dev > 1:
     fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
-  train = with_kernel(fns, args.repeats, backward=True)
+  train = with_kernel(fns, args.repeats, calls, backward=True)
   train_1, theirs_train = train['ours_1'], train['theirs']
   train_n = train.get('ours_n', train_1)
   print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
         f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
-        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; kernel {train["kernel"]:.2f}x')
-  ddim_ours_1, model = ddim_fn(args.batch, one)
+        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; kernel {train["kernel"]:.2f}x '
+        f'({train["gflops"][0]:.0f} / {train["gflops"][1]:.0f} GFLOP/s)')
+  ddim_ours_1, model, calls = ddim_fn(args.batch, one)
   fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
   if n_dev > 1:
     fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
-  ddim = with_kernel(fns, max(2, args.repeats // 2))
+  ddim = with_kernel(fns, max(2, args.repeats // 2), calls)
   ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
   ddim_n = ddim.get('ours_n', ddim_1)
   print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
         f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
         f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
-        f'{theirs_ddim / ddim_n:.2f}x; kernel {ddim["kernel"]:.2f}x')
+        f'{theirs_ddim / ddim_n:.2f}x; kernel {ddim["kernel"]:.2f}x '
+        f'({ddim["gflops"][0]:.0f} / {ddim["gflops"][1]:.0f} GFLOP/s)')
   steps = bench_ddim_vs_ddpm(64)
   print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
         f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
@@ -315,10 +391,11 @@ def main():
         'time / our time (> 1: ours is faster). "N devices" is our data-parallel mesh over N CPU '
         'devices, what `--config.cpu_devices=N` gives a training run; torch uses all cores through '
         'its threads.\n\n'
-        '"Kernel" is the ratio of one f32 3x3 convolution (16x32x32x128; for (a) its forward and '
-        'both gradients) measured in the same rounds (XLA / PyTorch GFLOP/s in brackets): a conv '
-        'net below it loses time outside the kernels. Times are medians of rounds that call each '
-        'side and the kernel in turn.\n\n'
+        '"Kernel" is the ratio of the model\'s own conv and dense layers alone (every call the '
+        'step makes, at its shape, without bias; for (a) each output and both gradients) '
+        'measured in the same rounds (XLA / PyTorch GFLOP/s in brackets): below it, time goes '
+        'outside the kernels. Times are medians of rounds that call each side and the kernel '
+        'in turn, 2 s apart.\n\n'
         '| what | ours, 1 device | ours, all devices | diffusers (PyTorch) | ratio 1 / all | kernel |\n'
         '|---|---|---|---|---|---|\n'
         f'| (a) train step, cifar10 U-Net {n_params / 1e6:.1f}M, batch {args.batch}, f32 | '

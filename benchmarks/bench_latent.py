@@ -31,8 +31,8 @@ patch_torchvision()
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from bench_ddpm import (lowered_flops, timed, torch_on, with_kernel, write_section,  # pylint: disable=wrong-import-position
-                        xla_flops)
+from bench_ddpm import (layer_calls, lowered_flops, timed, torch_on, with_kernel,  # pylint: disable=wrong-import-position
+                        write_section, xla_flops)
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
 from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
@@ -56,7 +56,7 @@ def ldm_setup(batch, dtype='float32'):
 
 def ours_train_fn(batch, dtype='float32'):
   """(fn running one train step to completion, [the current state], config, model,
-  lower(): the step lowered for the current state)."""
+  lower(): the step lowered for the current state, the step's `layer_calls`)."""
   config, model, stage1, tokenizer = ldm_setup(batch, dtype)
   mesh = mesh_lib.make_mesh()
   schedule, tx = ddpm_train.build_schedule(config), ddpm_train.make_optimizer(config)
@@ -65,13 +65,15 @@ def ours_train_fn(batch, dtype='float32'):
   step = loop.jit_step(lambda s, b: train.train_step(
       s, b, None, config=config, model=model, schedule=schedule, tx=tx, stage1=stage1,
       rules=ddpm_train.rules_of(config)), mesh)
-  ours, box = stepper(step, state, latent_batch(tokenizer, batch), mesh)
-  lower = lambda: step.lower(box[0], mesh_lib.shard_batch(latent_batch(tokenizer, batch), mesh))
-  return ours, box, config, model, lower
+  batch_np = latent_batch(tokenizer, batch)
+  calls = layer_calls(step, state, mesh_lib.shard_batch(batch_np, mesh))
+  ours, box = stepper(step, state, batch_np, mesh)
+  lower = lambda: step.lower(box[0], mesh_lib.shard_batch(batch_np, mesh))
+  return ours, box, config, model, lower, calls
 
 
 def bench_ours_train(batch, repeats, dtype='float32', with_flops=False):
-  ours, box, config, model, lower = ours_train_fn(batch, dtype)
+  ours, box, config, model, lower, _ = ours_train_fn(batch, dtype)
   seconds = timed(ours, repeats)
   n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
   return seconds, n_params, config, model, box[0].params, lowered_flops(lower()) if with_flops else 0.0
@@ -154,16 +156,18 @@ def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float3
 
 
 def ours_sampling_fn(config, model, params, batch):
+  """(fn sampling to completion, `layer_calls` of one guided network call)."""
   config.sample.num_steps = 50
   stage1 = types.SimpleNamespace(scale_factor=1.0)
   fn = train.make_sample_fn(config, model, ddpm_train.build_schedule(config), stage1, decode=False)
   ids = jnp.full((batch, config.conditioning.max_length), 3, jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(1), (batch, LATENT, LATENT, CHANNELS))
-  return lambda: fn(params, None, jax.random.PRNGKey(2), ids, noise, 4.0).block_until_ready()
+  calls = layer_calls(fn, params, None, jax.random.PRNGKey(2), ids, noise, 4.0)
+  return lambda: fn(params, None, jax.random.PRNGKey(2), ids, noise, 4.0).block_until_ready(), calls
 
 
 def bench_ours_sampling(config, model, params, batch, repeats):
-  return timed(ours_sampling_fn(config, model, params, batch), repeats)
+  return timed(ours_sampling_fn(config, model, params, batch)[0], repeats)
 
 
 def torch_sampling_fn(config, modules, batch, device='cpu', dtype='float32'):
@@ -193,7 +197,7 @@ def bench_torch_sampling(config, modules, batch, repeats, device='cpu', dtype='f
 
 
 def vae_fns(batch, device='cpu', dtype='float32'):
-  """(our encode + decode, diffusers', parameter count, FLOPs fn)."""
+  """(our encode + decode, diffusers', parameter count, FLOPs fn, `layer_calls`)."""
   autocast, sync = torch_on(device, dtype)
   config = vae_anime.get_config()
   config.vae.dtype = dtype
@@ -202,6 +206,7 @@ def vae_fns(batch, device='cpu', dtype='float32'):
   params = autoencoder.init_params(model, jax.random.PRNGKey(0), size)
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 3), minval=-1, maxval=1)
   fn = jax.jit(lambda p, x: model.apply({'params': p}, x)[0])
+  calls = layer_calls(fn, params, x)
   ours = lambda: fn(params, x).block_until_ready()
   vae = AutoencoderKL(**autoencoder.diffusers_config(model)).eval().to(device)
   xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
@@ -213,11 +218,11 @@ def vae_fns(batch, device='cpu', dtype='float32'):
     sync()
 
   n_params = sum(v.size for v in jax.tree.leaves(params))
-  return ours, theirs, n_params, lambda: xla_flops(fn, params, x)
+  return ours, theirs, n_params, lambda: xla_flops(fn, params, x), calls
 
 
 def bench_vae(batch, repeats, device='cpu', dtype='float32', with_flops=False):
-  ours, theirs, n_params, flops = vae_fns(batch, device, dtype)
+  ours, theirs, n_params, flops, _ = vae_fns(batch, device, dtype)
   if with_flops:
     return timed(ours, repeats), timed(theirs, repeats), n_params, flops()
   return timed(ours, repeats), timed(theirs, repeats), n_params
@@ -233,16 +238,17 @@ def main():
   torch.manual_seed(0)
   b, r = args.batch, args.repeats
 
-  measure = lambda ours, theirs, repeats, backward=False: with_kernel(
-      {'ours': ours, 'theirs': theirs}, repeats, backward)
+  measure = lambda ours, theirs, repeats, calls, backward=False: with_kernel(
+      {'ours': ours, 'theirs': theirs}, repeats, calls, backward)
 
-  ours_train, box, config, model, _ = ours_train_fn(b)
+  ours_train, box, config, model, _, calls = ours_train_fn(b)
   theirs_train, modules = torch_train_fn(config, model, b)
-  rows = {'train': measure(ours_train, theirs_train, r, backward=True)}
-  rows['sample'] = measure(ours_sampling_fn(config, model, box[0].params, b),
-                           torch_sampling_fn(config, modules, b), max(2, r // 3))
-  ours_vae, theirs_vae, vae_params, _ = vae_fns(b)
-  rows['vae'] = measure(ours_vae, theirs_vae, r)
+  rows = {'train': measure(ours_train, theirs_train, r, calls, backward=True)}
+  ours_sample, calls = ours_sampling_fn(config, model, box[0].params, b)
+  rows['sample'] = measure(ours_sample, torch_sampling_fn(config, modules, b), max(2, r // 3),
+                           calls)
+  ours_vae, theirs_vae, vae_params, _, calls = vae_fns(b)
+  rows['vae'] = measure(ours_vae, theirs_vae, r, calls)
   n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
   device = jax.devices()[0]
   cell = lambda t, fmt: (f'{t["ours"]:{fmt}} s | {t["theirs"]:{fmt}} s | '
@@ -255,10 +261,10 @@ def main():
       f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
       f'jax {jax.__version__}. Command: `python benchmarks/bench_latent.py --batch {b} '
       f'--repeats {r} --write`. Ratio = diffusers time / our time (> 1: ours is faster), '
-      'medians of rounds that call ours, diffusers and the kernel in turn. "Kernel" is the ratio '
-      'of one f32 3x3 convolution (16x32x32x128; for (a) its forward and both gradients) in the '
-      'same rounds (XLA / PyTorch GFLOP/s): '
-      'below it, time goes outside the kernels.',
+      'medians of rounds that call ours, diffusers and the kernel in turn, 2 s apart. "Kernel" '
+      "is the ratio of the model's own conv and dense layers alone (every call one step or one "
+      'network call makes, at its shape, without bias; for (a) each output and both gradients) '
+      'in the same rounds (XLA / PyTorch GFLOP/s): below it, time goes outside the kernels.',
       '',
       '| what | ours | diffusers | ratio | kernel |',
       '|---|---|---|---|---|',

@@ -39,7 +39,7 @@ _RUNTIME = ('ThunkExecutor', 'SlinkyThreadPool', '$', 'Pjit', 'end:', 'Threadpoo
 
 def ddpm_train_step(batch):
   """bench_ddpm's cifar10 train step on one device."""
-  run, _, _, lower = bench_ddpm.train_step_fn(batch, jax.devices()[:1])
+  run, _, _, lower, _ = bench_ddpm.train_step_fn(batch, jax.devices()[:1])
   return run, lower
 
 
@@ -56,7 +56,7 @@ def ddpm_forward(batch):
 
 def latent_train_step(batch):
   """bench_latent's ldm_anime_text train step."""
-  run, _, _, _, lower = bench_latent.ours_train_fn(batch)
+  run, _, _, _, lower, _ = bench_latent.ours_train_fn(batch)
   return run, lower
 
 

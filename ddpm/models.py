@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common.layers import dense, dot_product_attention
+from common.layers import GroupNorm, dense, dot_product_attention
 
 Dtype = Any
 
@@ -65,7 +65,7 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
-    norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
+    norm = lambda name: GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
     h = _conv(self.out_channels, 'conv1', self.dtype)(nn.silu(norm('norm1')(x)))
     if temb is not None:
       h = h + nn.Dense(self.out_channels, dtype=self.dtype,
@@ -90,7 +90,7 @@ class AttentionBlock(nn.Module):
     b, h, w, c = x.shape
     head_dim = self.head_dim or c
     heads = c // head_dim
-    y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
+    y = GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
     y = y.reshape(b, h * w, c)
     proj = lambda name: dense(y, c, dtype=self.dtype, name=name).reshape(b, h * w, heads, head_dim)
     y = dot_product_attention(proj('to_q'), proj('to_k'), proj('to_v')).reshape(b, h * w, c)
@@ -229,6 +229,6 @@ class UNet(nn.Module):
       if level > 0:
         h = Upsample(self.dtype, name=f'up_blocks_{i}.upsamplers_0')(h)
 
-    h = nn.silu(nn.GroupNorm(self.norm_groups, epsilon=self.norm_eps, dtype=self.dtype,
+    h = nn.silu(GroupNorm(self.norm_groups, epsilon=self.norm_eps, dtype=self.dtype,
                              name='conv_norm_out')(h))
     return _conv(self.out_channels, 'conv_out', self.dtype)(h).astype(jnp.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from common.layers import dense, dot_product_attention, gelu
+from common.layers import GroupNorm, dense, dot_product_attention, gelu
 
 
 class Attention(nn.Module):
@@ -80,7 +80,7 @@ class Transformer2D(nn.Module):
     proj = lambda name: ((lambda y: dense(y, c, dtype=self.dtype, name=name))
                          if self.linear_projection
                          else nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
-    y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
+    y = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     y = proj('proj_in')(y).reshape(b, h * w, c)
     for d in range(self.depth):
       y = BasicTransformerBlock(self.heads, c // self.heads, self.dtype,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import errors
+from common.layers import GroupNorm
 from ddpm import convert
 from ddpm.models import AttentionBlock, Downsample, ResnetBlock, Upsample
 
@@ -105,7 +106,7 @@ class Encoder(nn.Module):
       if i < len(chans) - 1:
         h = Downsample(self.dtype, asymmetric=True, name=f'down_blocks_{i}.downsamplers_0')(h)
     h = MidBlock(chans[-1], self.norm_groups, self.dtype, name='mid_block')(h)
-    h = nn.silu(nn.GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype,
+    h = nn.silu(GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype,
                              name='conv_norm_out')(h))
     return _conv3(2 * self.latent_channels, 'conv_out', self.dtype)(h)
 
@@ -135,7 +136,7 @@ class Decoder(nn.Module):
         h = resnet(c, f'up_blocks_{i}.resnets_{j}')(h, None)
       if i < len(chans) - 1:
         h = Upsample(self.dtype, name=f'up_blocks_{i}.upsamplers_0')(h)
-    h = nn.silu(nn.GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype,
+    h = nn.silu(GroupNorm(self.norm_groups, epsilon=EPS, dtype=self.dtype,
                              name='conv_norm_out')(h))
     self.sow('intermediates', 'conv_out_input', h)
     return conv_out_layer(self.out_channels, self.dtype)(h).astype(jnp.float32)

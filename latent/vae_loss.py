@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common.layers import GroupNorm
 from latent import autoencoder
 # The choice lists and the jax-free checks live with the config (latent/configs/vae_base.py),
 # which validates them before any compute; re-exported here for the model code.
@@ -75,7 +76,7 @@ class NLayerDiscriminator(nn.Module):
       if self.norm == 'none':
         return h
       c = h.shape[-1]
-      return nn.GroupNorm(math.gcd(32, c), dtype=self.dtype, name=name)(h)
+      return GroupNorm(math.gcd(32, c), dtype=self.dtype, name=name)(h)
 
     h = nn.leaky_relu(conv(self.channels, 2, True, 'conv_0')(x.astype(self.dtype)), 0.2)
     for n in range(1, self.num_layers + 1):

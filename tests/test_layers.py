@@ -1,4 +1,5 @@
-"""common.layers against PyTorch: attention (values and gradients, with masks), GELU, Dense."""
+"""common.layers against PyTorch: attention (values and gradients, with masks), GELU, Dense,
+GroupNorm."""
 
 import flax.linen as nn
 import jax
@@ -79,3 +80,43 @@ def test_dense_is_nn_dense_on_any_rank():
   flat, plain = Both().apply({'params': params}, x)
   assert flat.shape == (2, 3, 4, 7)
   np.testing.assert_allclose(flat, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,groups', [((2, 6, 5, 32), 8), ((2, 7, 64), 32)])
+def test_group_norm_matches_torch_and_flax(shape, groups):
+  """Values and gradients (input, scale, bias) against torch.nn.GroupNorm in float64; the
+  same parameter tree as nn.GroupNorm, and its outputs."""
+  rng = np.random.RandomState(3)
+  x = (rng.randn(*shape) * 2 + 1.5).astype(np.float32)  # An offset mean: E[x^2] - E[x]^2.
+  d_out = rng.randn(*shape).astype(np.float32)
+  norm = layers.GroupNorm(groups, epsilon=1e-5)
+  params = norm.init(jax.random.PRNGKey(0), x)['params']
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, nn.GroupNorm(groups).init(jax.random.PRNGKey(0), x)['params'])
+  params = {'scale': jnp.asarray(rng.rand(shape[-1]) + 0.5, jnp.float32),
+            'bias': jnp.asarray(rng.randn(shape[-1]), jnp.float32)}
+  out, vjp = jax.vjp(lambda p, x: norm.apply({'params': p}, x), params, jnp.asarray(x))
+  d_params, d_x = vjp(jnp.asarray(d_out))
+  np.testing.assert_allclose(
+      out, nn.GroupNorm(groups, epsilon=1e-5).apply({'params': params}, x), atol=2e-5)
+
+  channels_first = lambda a: np.moveaxis(a, -1, 1).astype(np.float64)
+  tx = torch.tensor(channels_first(x), requires_grad=True)
+  ref = torch.nn.GroupNorm(groups, shape[-1], eps=1e-5).double()
+  with torch.no_grad():
+    ref.weight.copy_(torch.tensor(np.asarray(params['scale'], np.float64)))
+    ref.bias.copy_(torch.tensor(np.asarray(params['bias'], np.float64)))
+  y = ref(tx)
+  y.backward(torch.tensor(channels_first(d_out)))
+  channels_last = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)
+  np.testing.assert_allclose(out, channels_last(y), atol=2e-5)
+  np.testing.assert_allclose(d_x, channels_last(tx.grad), atol=5e-5)
+  np.testing.assert_allclose(d_params['scale'], ref.weight.grad.numpy(), atol=2e-4, rtol=1e-5)
+  np.testing.assert_allclose(d_params['bias'], ref.bias.grad.numpy(), atol=2e-4, rtol=1e-5)
+
+
+def test_group_norm_keeps_flax_dtypes():
+  x = jnp.ones((1, 4, 4, 8), jnp.bfloat16)
+  params = {'scale': jnp.ones(8), 'bias': jnp.zeros(8)}
+  assert layers.GroupNorm(4, dtype=jnp.bfloat16).apply({'params': params}, x).dtype == jnp.bfloat16
+  assert layers.GroupNorm(4).apply({'params': params}, x).dtype == jnp.float32

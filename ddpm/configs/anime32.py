@@ -39,7 +39,8 @@ def get_config():
   config.diffusion.prediction = 'v'
   config.diffusion.min_snr_gamma = 5.0
 
-  config.optim.learning_rate = 5e-4
+  # 1e-3 over 5e-4: AFD 0.372 vs 0.160 at 600 steps, 0.916 vs 0.896 (DDIM-50) after the hour.
+  config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 200
 
   config.train.batch_size = 32
