@@ -1,6 +1,6 @@
 """ddpm speed against diffusers (PyTorch), measured side by side in one run.
 
-  python benchmarks/bench_ddpm.py [--batch 16] [--repeats 5] [--write]
+  python benchmarks/bench_ddpm.py [--batch 16] [--repeats 5] [--rows abc] [--write]
 
 (a) train step (forward, backward, clipping, Adam; ours also updates the EMA)
     of the `cifar10` U-Net (35.7M parameters) against diffusers' UNet2DModel
@@ -343,8 +343,11 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--cpu-devices', type=int, default=os.cpu_count(),
                       help='CPU devices for the data-parallel runs (jax_num_cpu_devices).')
+  parser.add_argument('--rows', default='abc', help='Which rows to measure (--write: all).')
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args()
+  if args.write and sorted(args.rows) != list('abc'):
+    parser.error('--write replaces the whole section: measure every row (--rows abc).')
   jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # Before the backend starts.
   torch.set_num_threads(os.cpu_count())
   device = jax.devices()[0]
@@ -356,32 +359,36 @@ def main():
   one, all_devices = jax.devices()[:1], jax.devices()
   n_dev = len(all_devices)
 
-  ours_1, n_params, model, _, calls = train_step_fn(args.batch, one)
-  fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
-  if n_dev > 1:
-    fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
-  train = with_kernel(fns, args.repeats, calls, backward=True)
-  train_1, theirs_train = train['ours_1'], train['theirs']
-  train_n = train.get('ours_n', train_1)
-  print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
-        f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
-        f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; kernel {train["kernel"]:.2f}x '
-        f'({train["gflops"][0]:.0f} / {train["gflops"][1]:.0f} GFLOP/s)')
-  ddim_ours_1, model, calls = ddim_fn(args.batch, one)
-  fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
-  if n_dev > 1:
-    fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
-  ddim = with_kernel(fns, max(2, args.repeats // 2), calls)
-  ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
-  ddim_n = ddim.get('ours_n', ddim_1)
-  print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
-        f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
-        f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
-        f'{theirs_ddim / ddim_n:.2f}x; kernel {ddim["kernel"]:.2f}x '
-        f'({ddim["gflops"][0]:.0f} / {ddim["gflops"][1]:.0f} GFLOP/s)')
-  steps = bench_ddim_vs_ddpm(64)
-  print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
-        f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
+  if 'a' in args.rows:
+    ours_1, n_params, model, _, calls = train_step_fn(args.batch, one)
+    fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
+    if n_dev > 1:
+      fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
+    train = with_kernel(fns, args.repeats, calls, backward=True)
+    train_1, theirs_train = train['ours_1'], train['theirs']
+    train_n = train.get('ours_n', train_1)
+    print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
+          f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
+          f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; '
+          f'kernel {train["kernel"]:.2f}x ({train["gflops"][0]:.0f} / {train["gflops"][1]:.0f} '
+          'GFLOP/s)')
+  if 'b' in args.rows:
+    ddim_ours_1, model, calls = ddim_fn(args.batch, one)
+    fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
+    if n_dev > 1:
+      fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
+    ddim = with_kernel(fns, max(2, args.repeats // 2), calls)
+    ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
+    ddim_n = ddim.get('ours_n', ddim_1)
+    print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
+          f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
+          f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '
+          f'{theirs_ddim / ddim_n:.2f}x; kernel {ddim["kernel"]:.2f}x '
+          f'({ddim["gflops"][0]:.0f} / {ddim["gflops"][1]:.0f} GFLOP/s)')
+  if 'c' in args.rows:
+    steps = bench_ddim_vs_ddpm(64)
+    print(f'(c) demo U-Net, batch 64: DDIM-50 {steps["ddim50"]:.2f} s, DDPM-1000 '
+          f'{steps["ddpm1000"]:.2f} s, ratio {steps["ddpm1000"] / steps["ddim50"]:.1f}x')
 
   if args.write:
     section = (

@@ -1,6 +1,6 @@
 """latent/ speed against diffusers (PyTorch), side by side in one run.
 
-  python benchmarks/bench_latent.py [--batch 16] [--repeats 5] [--write]
+  python benchmarks/bench_latent.py [--batch 16] [--repeats 5] [--rows abc] [--write]
 
 (a) stage-2 train step of `ldm_anime_text` (text encoder + conditional U-Net on
     16x16x4 latents, condition dropout, Adam, EMA) against diffusers'
@@ -233,8 +233,11 @@ def main():
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=5, help='Rounds for (a) and (c); (b), '
                       'about a minute per call, gets a third of them (at least 2).')
+  parser.add_argument('--rows', default='abc', help='Which rows to measure (--write: all).')
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args()
+  if args.write and sorted(args.rows) != list('abc'):
+    parser.error('--write replaces the whole section: measure every row (--rows abc).')
   torch.manual_seed(0)
   b, r = args.batch, args.repeats
 
@@ -243,13 +246,20 @@ def main():
 
   ours_train, box, config, model, _, calls = ours_train_fn(b)
   theirs_train, modules = torch_train_fn(config, model, b)
-  rows = {'train': measure(ours_train, theirs_train, r, calls, backward=True)}
-  ours_sample, calls = ours_sampling_fn(config, model, box[0].params, b)
-  rows['sample'] = measure(ours_sample, torch_sampling_fn(config, modules, b), max(2, r // 3),
-                           calls)
-  ours_vae, theirs_vae, vae_params, _, calls = vae_fns(b)
-  rows['vae'] = measure(ours_vae, theirs_vae, r, calls)
   n_params = sum(x.size for x in jax.tree.leaves(box[0].params))
+  rows = {}
+  if 'a' in args.rows:
+    rows['a'] = (f'ldm_anime_text train step, batch {b} ({n_params / 1e6:.1f}M parameters: text '
+                 'encoder + U-Net on 16x16x4)', '.3f',
+                 measure(ours_train, theirs_train, r, calls, backward=True))
+  if 'b' in args.rows:  # With the train step's initial parameters.
+    ours_sample, calls = ours_sampling_fn(config, model, box[0].params, b)
+    rows['b'] = (f'guided DDIM-50, batch {b} (cond + uncond in one pass)', '.2f',
+                 measure(ours_sample, torch_sampling_fn(config, modules, b), max(2, r // 3), calls))
+  if 'c' in args.rows:
+    ours_vae, theirs_vae, vae_params, _, calls = vae_fns(b)
+    rows['c'] = (f'vae_anime encode + decode, batch {b} at 64x64 ({vae_params / 1e6:.1f}M)', '.3f',
+                 measure(ours_vae, theirs_vae, r, calls))
   device = jax.devices()[0]
   cell = lambda t, fmt: (f'{t["ours"]:{fmt}} s | {t["theirs"]:{fmt}} s | '
                          f'{t["theirs"] / t["ours"]:.2f}x | {t["kernel"]:.2f}x '
@@ -268,11 +278,7 @@ def main():
       '',
       '| what | ours | diffusers | ratio | kernel |',
       '|---|---|---|---|---|',
-      f'| (a) ldm_anime_text train step, batch {b} ({n_params / 1e6:.1f}M parameters: text encoder '
-      f'+ U-Net on 16x16x4) | {cell(rows["train"], ".3f")}',
-      f'| (b) guided DDIM-50, batch {b} (cond + uncond in one pass) | {cell(rows["sample"], ".2f")}',
-      f'| (c) vae_anime encode + decode, batch {b} at 64x64 ({vae_params / 1e6:.1f}M) | '
-      f'{cell(rows["vae"], ".3f")}',
+      *(f'| ({key}) {what} | {cell(t, fmt)}' for key, (what, fmt, t) in sorted(rows.items())),
       '',
   ]
   report = '\n'.join(lines)
