@@ -337,6 +337,17 @@ def bench_ddim_vs_ddpm(batch):
   return out
 
 
+def one_and_all_devices(ours_1, make_ours_n, theirs, repeats, calls, backward):
+  """Ours on one device and (when there are more) on all of them, theirs and the kernels, timed
+  in the same rounds by with_kernel; 'ours_n' is 'ours_1' on a one-device machine."""
+  fns = {'ours_1': ours_1, 'theirs': theirs}
+  if jax.device_count() > 1:
+    fns['ours_n'] = make_ours_n()
+  times = with_kernel(fns, repeats, calls, backward=backward)
+  times.setdefault('ours_n', times['ours_1'])
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=16)
@@ -361,12 +372,10 @@ def main():
 
   if 'a' in args.rows:
     ours_1, n_params, model, _, calls = train_step_fn(args.batch, one)
-    fns = {'ours_1': ours_1, 'theirs': torch_train_step_fn(model, args.batch)}
-    if n_dev > 1:
-      fns['ours_n'] = train_step_fn(args.batch, all_devices)[0]
-    train = with_kernel(fns, args.repeats, calls, backward=True)
-    train_1, theirs_train = train['ours_1'], train['theirs']
-    train_n = train.get('ours_n', train_1)
+    train = one_and_all_devices(ours_1, lambda: train_step_fn(args.batch, all_devices)[0],
+                                torch_train_step_fn(model, args.batch), args.repeats, calls,
+                                backward=True)
+    train_1, train_n, theirs_train = train['ours_1'], train['ours_n'], train['theirs']
     print(f'(a) train step, {n_params / 1e6:.1f}M params, batch {args.batch}: ours {train_1:.3f} s '
           f'(1 device), {train_n:.3f} s ({n_dev} devices), diffusers {theirs_train:.3f} s; ratios '
           f'{theirs_train / train_1:.2f}x, {theirs_train / train_n:.2f}x; '
@@ -374,12 +383,10 @@ def main():
           'GFLOP/s)')
   if 'b' in args.rows:
     ddim_ours_1, model, calls = ddim_fn(args.batch, one)
-    fns = {'ours_1': ddim_ours_1, 'theirs': torch_ddim_fn(model, args.batch)}
-    if n_dev > 1:
-      fns['ours_n'] = ddim_fn(args.batch, all_devices)[0]
-    ddim = with_kernel(fns, max(2, args.repeats // 2), calls)
-    ddim_1, theirs_ddim = ddim['ours_1'], ddim['theirs']
-    ddim_n = ddim.get('ours_n', ddim_1)
+    ddim = one_and_all_devices(ddim_ours_1, lambda: ddim_fn(args.batch, all_devices)[0],
+                               torch_ddim_fn(model, args.batch), max(2, args.repeats // 2), calls,
+                               backward=False)
+    ddim_1, ddim_n, theirs_ddim = ddim['ours_1'], ddim['ours_n'], ddim['theirs']
     print(f'(b) DDIM-50, batch {args.batch}: ours {args.batch / ddim_1:.2f} img/s (1 device), '
           f'{args.batch / ddim_n:.2f} img/s ({n_dev} devices), diffusers '
           f'{args.batch / theirs_ddim:.2f} img/s; ratios {theirs_ddim / ddim_1:.2f}x, '

@@ -6,12 +6,17 @@
     build: 16x16 images, 8x8x4 latents), DDIM 25 steps at guidance 7.5 with a negative
     prompt: our `latent.pipeline` on the folder against diffusers' own pipeline;
 (b) one forward pass of an SD-1.5-shaped U-Net (random weights, 860M parameters; batch
-    of 64x64x4 latents with a 77x768 context), ours against UNet2DConditionModel, float32.
+    of 64x64x4 latents with a 77x768 context), ours against UNet2DConditionModel, float32,
+    beside the U-Net's own conv and dense layers alone in each framework (the kernel ratio,
+    bench_ddpm.with_kernel), all in the same rounds;
+(c) its attention core at 64x64 (4096 tokens) against PyTorch's scaled_dot_product_attention.
 Prints ratios (> 1: we are faster); --write replaces the `## pipelines` section of
-benchmarks/RESULTS.md.
+benchmarks/RESULTS.md. PyTorch gets one thread per core this process may run on, so a run
+pinned with `taskset -c 1` compares one core with one core.
 """
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -24,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
-from bench_ddpm import timed, write_section  # pylint: disable=wrong-import-position  (patches torchvision)
+from bench_ddpm import interleaved, layer_calls, with_kernel, write_section  # pylint: disable=wrong-import-position  (patches torchvision)
 
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import UNet2DConditionModel  # pylint: disable=wrong-import-position
@@ -66,7 +71,8 @@ def bench_tiny_pipeline(batch, repeats):
              guidance_scale=7.5, latents=torch_latents, output_type='np')
 
   theirs.set_progress_bar_config(disable=True)
-  return timed(run_ours, repeats), timed(run_theirs, repeats)
+  times = interleaved({'ours': run_ours, 'theirs': run_theirs}, repeats)
+  return times['ours'], times['theirs']
 
 
 def bench_sd15_unet(batch, repeats):
@@ -77,8 +83,8 @@ def bench_sd15_unet(batch, repeats):
   params = jax.jit(lambda: unet.init(jax.random.PRNGKey(0), z, t, context=context))()['params']
   n_params = sum(x.size for x in jax.tree.leaves(params))
   forward = jax.jit(lambda p, z, t, c: unet.apply({'params': p}, z, t, context=c))
+  calls = layer_calls(forward, params, z, t, context)  # Before the first call (see there).
   run_ours = lambda: forward(params, z, t, context).block_until_ready()
-  ours = timed(run_ours, repeats)
 
   torch.manual_seed(0)
   theirs_unet = UNet2DConditionModel(**SD15_UNET).eval()
@@ -90,7 +96,7 @@ def bench_sd15_unet(batch, repeats):
     with torch.no_grad():
       theirs_unet(zt, tt, encoder_hidden_states=ct)
 
-  return ours, timed(run_theirs, repeats), n_params
+  return with_kernel({'ours': run_ours, 'theirs': run_theirs}, repeats, calls), n_params
 
 
 def bench_attention(batch, repeats):
@@ -101,14 +107,15 @@ def bench_attention(batch, repeats):
   q = np.random.default_rng(2).standard_normal((batch, 4096, 8, 40)).astype(np.float32)
   attend = jax.jit(models.dot_product_attention)
   qj = jnp.asarray(q)
-  ours = timed(lambda: attend(qj, qj, qj).block_until_ready(), repeats)
   qt = torch.from_numpy(q.transpose(0, 2, 1, 3).copy())
 
   def run_theirs():
     with torch.no_grad():
       torch.nn.functional.scaled_dot_product_attention(qt, qt, qt)
 
-  return ours, timed(run_theirs, repeats)
+  times = interleaved({'ours': lambda: attend(qj, qj, qj).block_until_ready(),
+                       'theirs': run_theirs}, repeats)
+  return times['ours'], times['theirs']
 
 
 def main():
@@ -118,36 +125,43 @@ def main():
   parser.add_argument('--write', action='store_true')
   args = parser.parse_args()
   b, r = args.batch, args.repeats
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   ours_tiny, theirs_tiny = bench_tiny_pipeline(b, r)
   print(f'tiny pipeline: ours {ours_tiny:.3f} s, diffusers {theirs_tiny:.3f} s', flush=True)
-  ours_unet, theirs_unet, n_params = bench_sd15_unet(b, r)
+  unet, n_params = bench_sd15_unet(b, r)
+  ours_unet, theirs_unet = unet['ours'], unet['theirs']
+  print(f'SD-1.5 U-Net forward: ours {ours_unet:.2f} s, diffusers {theirs_unet:.2f} s, kernel '
+        f'{unet["kernel"]:.2f}x', flush=True)
   ours_attn, theirs_attn = bench_attention(b, r)
   device = jax.devices()[0]
   report = '\n'.join([
       '## pipelines',
       '',
       f'Machine: {platform.machine()}, {len(jax.devices())} JAX device(s) {device.platform}:'
-      f'{device.device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-      f'jax {jax.__version__}. Command: `python benchmarks/bench_pipeline.py --batch {b} '
-      f'--repeats {r} --write`. Random weights, float32. Ratio = diffusers time / our time '
-      '(> 1: ours is faster).',
+      f'{device.device_kind}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, torch '
+      f'{torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}. Command: '
+      f'`python benchmarks/bench_pipeline.py --batch {b} --repeats {r} --write`. Random weights, '
+      'float32. Ratio = diffusers time / our time (> 1: ours is faster). "Kernel" (b): the '
+      "U-Net's conv and dense layers alone, every call at its shape, in each framework, timed "
+      'in the same rounds as (b) (XLA / PyTorch GFLOP/s in brackets); below it, time goes '
+      'outside those kernels, mostly to attention.',
       '',
-      '| what | ours | diffusers | ratio |',
-      '|---|---|---|---|',
+      '| what | ours | diffusers | ratio | kernel |',
+      '|---|---|---|---|---|',
       f'| (a) tiny SD pipeline folder, text-to-image, batch {b}, DDIM 25 at guidance 7.5 | '
-      f'{ours_tiny:.3f} s | {theirs_tiny:.3f} s | {theirs_tiny / ours_tiny:.2f}x |',
+      f'{ours_tiny:.3f} s | {theirs_tiny:.3f} s | {theirs_tiny / ours_tiny:.2f}x | |',
       f'| (b) SD-1.5-shaped U-Net forward ({n_params / 1e6:.0f}M), batch {b} at 64x64x4 | '
-      f'{ours_unet:.2f} s | {theirs_unet:.2f} s | {theirs_unet / ours_unet:.2f}x |',
+      f'{ours_unet:.2f} s | {theirs_unet:.2f} s | {theirs_unet / ours_unet:.2f}x | '
+      f'{unet["kernel"]:.2f}x ({unet["gflops"][0]:.0f} / {unet["gflops"][1]:.0f}) |',
       f'| (c) its attention core at 64x64 (4096 tokens, 8 heads), batch {b}: ours vs PyTorch\'s '
       f'fused scaled_dot_product_attention | {ours_attn:.3f} s | {theirs_attn:.3f} s | '
-      f'{theirs_attn / ours_attn:.2f}x |',
+      f'{theirs_attn / ours_attn:.2f}x | |',
       '',
-      'The U-Net runs (c) five times per forward at 64x64 (and its cross-attention, FF and '
-      'projections around it). XLA on CPU materialises the [B, 8, 4096, 4096] logits and '
-      'their softmax, where PyTorch runs a fused flash-style kernel: that, not the '
-      'convolutions (about 0.8x, `bench_latent.py`), is most of the gap in (b). Issue 14 '
-      '(CPU speed) takes it up. On a shared machine (b) varies from run to run; compare '
-      'the ratios of one run.',
+      'The U-Net runs (c) five times per forward at 64x64, and the same at 1024 tokens five '
+      'times at 32x32. Without gradients our attention runs in blocks of 128 queries, one '
+      '(batch, head) at a time, so that each block\'s logits stay in cache '
+      '(`common.layers._attention_in_blocks`); PyTorch runs a fused flash-style kernel. '
+      'Times are medians of rounds that call each side (and the kernels) in turn, 2 s apart.',
       '',
   ])
   print(report)

@@ -181,8 +181,8 @@ def test_from_file_applies_overrides_as_literals():
   """Scripts (benchmarks) load a config file the way `--config=FILE --config.KEY=VALUE` does."""
   from common import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.from_file(REPO / 'ddpm/configs/anime32.py', [
-      '--config.model.block_out_channels=(16, 32)', 'train.batch_size=8',
+      '--config.model.block_out_channels=(16, 32)', 'train.batch_size=24',
       'sample.sampler=ddpm', 'diffusion.min_snr_gamma=0.0'])
   assert config.model.block_out_channels == (16, 32)
-  assert config.train.batch_size == 8 and config.sample.sampler == 'ddpm'
+  assert config.train.batch_size == 24 and config.sample.sampler == 'ddpm'
   assert config.diffusion.min_snr_gamma == 0.0 and config.data.image_size == 32

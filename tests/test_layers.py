@@ -46,6 +46,27 @@ def test_attention_matches_torch_sdpa(kind):
     np.testing.assert_allclose(ours, to_ours(theirs), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('kind', [None, 'padding', 'causal'])
+def test_attention_in_blocks_matches_torch_sdpa(kind, monkeypatch):
+  """Without gradients, long sequences run in blocks of queries (forced here with a small
+  threshold; 24 queries in blocks of 7, the last one padded); a causal mask, which varies
+  over the queries, takes the whole-matrix path. Same values as PyTorch either way."""
+  monkeypatch.setattr(layers, '_BLOCKS_ABOVE', 0)
+  monkeypatch.setattr(layers, '_QUERY_BLOCK', 7)
+  rng = np.random.RandomState(3)
+  q, k, v = (rng.randn(*s).astype(np.float32) for s in ((B, L, H, D), (B, LK, H, D), (B, LK, H, D)))
+  mask = _mask(kind)
+  attend = jax.jit(lambda q, k, v, m: layers.dot_product_attention(q, k, v, m))
+  out = attend(q, k, v, None if mask is None else jnp.asarray(mask))
+  hlo = attend.lower(q, k, v, None if mask is None else jnp.asarray(mask)).as_text()
+  assert ('while' in hlo) == (kind != 'causal')
+
+  tq, tk, tv = (torch.tensor(a.transpose(0, 2, 1, 3)) for a in (q, k, v))
+  tmask = None if mask is None else torch.tensor(mask if mask.ndim == 4 else mask[:, None, None])
+  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask)
+  np.testing.assert_allclose(out, ref.numpy().transpose(0, 2, 1, 3), atol=2e-6, rtol=1e-5)
+
+
 def test_attention_in_bfloat16_follows_float32():
   """bfloat16 inputs keep float32 logits and softmax: outputs and gradients near float32's."""
   rng = np.random.RandomState(2)
