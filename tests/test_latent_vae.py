@@ -193,8 +193,11 @@ def test_adaptive_weight_equals_full_network_gradient_ratio():
     return full, cheap, vae_loss.adaptive_weight(*cheap, 0.5)
 
   full, cheap, weight = both(state.params, state.disc_params)
+  # float32 sums in two orders (jacrev through the whole network against the VJP of conv_out
+  # alone): on a 2-core AMD EPYC one element of 216 differed by 2.3e-4 relative
+  # (-8.5273e-4 vs -8.5253e-4); a wrong formula would be off by far more.
   for i in range(2):
-    np.testing.assert_allclose(cheap[i], full[i], rtol=1e-4, atol=1e-6 * np.abs(full[i]).max())
+    np.testing.assert_allclose(cheap[i], full[i], rtol=5e-4, atol=1e-6 * np.abs(full[i]).max())
   expected = 0.5 * np.linalg.norm(full[0]) / (np.linalg.norm(full[1]) + 1e-4)
   assert float(weight) == pytest.approx(expected, rel=1e-4)
   # Clipped to [0, 1e4] (times disc_weight) when the GAN gradient vanishes.
