@@ -2,7 +2,7 @@
 
 For held-out pictures (never seen by the ControlNet), each picture's Canny map
 M_i steers a sample G_i (prompt: the picture's caption, or --prompt). Scored with
-latent.controlnet.edge_f1 (F1 of edge pixels, matched within --tolerance pixels) between
+latent.controlnet.maps.edge_f1 (F1 of edge pixels, matched within --tolerance pixels) between
 the Canny edges of the sample and:
 
   controlnet         M_i                   (does the sample follow its own map?)
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ddpm import write_section  # noqa: E402
 from common import config as config_lib, data, imageio, mesh as mesh_lib  # noqa: E402
-from latent import controlnet, sample, train  # noqa: E402
+from latent.controlnet import maps as maps_lib, model as controlnet  # noqa: E402
+from latent.ldm import sample, sampler  # noqa: E402
 
 
 def held_out(config, n: int):
@@ -65,11 +66,11 @@ def main():
   if args.prompt is not None:
     captions = [args.prompt] * len(pictures)
   n = config.controlnet
-  maps = controlnet.control_maps(pictures, n.detector, n.low_threshold, n.high_threshold,
-                                 n.thickness)
+  maps = maps_lib.control_maps(pictures, n.detector, n.low_threshold, n.high_threshold,
+                               n.thickness)
   ids = jnp.asarray(exp.conds.prompt_ids(captions))
-  sample_fn = train.make_sample_fn(config, exp.model, exp.schedule, exp.stage1,
-                                   options=exp.sampler_options())
+  sample_fn = sampler.for_config(config, exp.model, exp.schedule, exp.stage1,
+                                 exp.sampler_options())
   u = exp.model.unet
   noise = jax.random.normal(jax.random.PRNGKey(args.seed),
                             (len(ids), u.sample_size, u.sample_size, u.in_channels))
@@ -89,7 +90,7 @@ def main():
   controlled = draw(maps)
   plain = draw(None)  # The U-Net alone: the base model, the same prompts and noise.
   seconds = time.perf_counter() - start
-  edges = lambda images: controlnet.canny(images, n.low_threshold, n.high_threshold)[..., 0] > 0
+  edges = lambda images: maps_lib.canny(images, n.low_threshold, n.high_threshold)[..., 0] > 0
   want = maps[..., 0] > 0
   shuffled = np.roll(want, 1, axis=0)  # Each sample against the next picture's map.
   tolerances = [int(t) for t in args.tolerance.split(',')]
@@ -105,7 +106,7 @@ def main():
            '| samples scored against | ' + ' | '.join(f'tolerance {t} px' for t in tolerances)
            + ' |', '|---|' + '---|' * len(tolerances)]
   for name, (images, reference) in pairs.items():
-    scores = [controlnet.edge_f1(edges(images), reference, t) for t in tolerances]
+    scores = [maps_lib.edge_f1(edges(images), reference, t) for t in tolerances]
     lines.append(f'| {name} | ' + ' | '.join(f'{f.mean():.3f} ({np.mean(f > 0.5):.2f})'
                                               for f in scores) + ' |')
   table = '\n'.join(lines)

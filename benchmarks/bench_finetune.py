@@ -43,7 +43,8 @@ from peft import LoraConfig  # pylint: disable=wrong-import-position
 from common import lora, loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from common import params as params_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
-from latent import conditions, finetune, hypernetwork, train  # pylint: disable=wrong-import-position
+from latent.finetune import experiment as finetune, hypernetwork  # pylint: disable=wrong-import-position
+from latent.ldm import conditions, train  # pylint: disable=wrong-import-position
 
 METHODS = ('dreambooth', 'lora', 'textual_inversion', 'hypernetwork')
 

@@ -35,7 +35,8 @@ from bench_ddpm import (layer_calls, lowered_flops, timed, torch_on, with_kernel
                         write_section, xla_flops)
 from common import loop, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train as ddpm_train  # pylint: disable=wrong-import-position
-from latent import autoencoder, conditions, text, train, vae_train  # pylint: disable=wrong-import-position
+from latent.ldm import conditions, sampler, text, train  # pylint: disable=wrong-import-position
+from latent.vae import autoencoder, state as vae_state  # pylint: disable=wrong-import-position
 from latent.configs import ldm_anime_text, vae_anime  # pylint: disable=wrong-import-position
 
 LATENT, CHANNELS, FACTOR = 16, 4, 4
@@ -158,8 +159,9 @@ def bench_torch_train(config, model, batch, repeats, device='cpu', dtype='float3
 def ours_sampling_fn(config, model, params, batch):
   """(fn sampling to completion, `layer_calls` of one guided network call)."""
   config.sample.num_steps = 50
-  stage1 = types.SimpleNamespace(scale_factor=1.0)
-  fn = train.make_sample_fn(config, model, ddpm_train.build_schedule(config), stage1, decode=False)
+  stage1 = types.SimpleNamespace(latent_channels=CHANNELS, scale_factor=1.0)  # Never decodes.
+  fn = sampler.for_config(config, model, ddpm_train.build_schedule(config), stage1, None,
+                          decode=False)
   ids = jnp.full((batch, config.conditioning.max_length), 3, jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(1), (batch, LATENT, LATENT, CHANNELS))
   calls = layer_calls(fn, params, None, jax.random.PRNGKey(2), ids, noise, 4.0)
@@ -201,7 +203,7 @@ def vae_fns(batch, device='cpu', dtype='float32'):
   autocast, sync = torch_on(device, dtype)
   config = vae_anime.get_config()
   config.vae.dtype = dtype
-  model = vae_train.build_model(config)
+  model = vae_state.build_model(config)
   size = config.data.image_size
   params = autoencoder.init_params(model, jax.random.PRNGKey(0), size)
   x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 3), minval=-1, maxval=1)

@@ -4,7 +4,7 @@
 
 (a) text-to-image of a tiny random StableDiffusionPipeline folder (the one the tests
     build: 16x16 images, 8x8x4 latents), DDIM 25 steps at guidance 7.5 with a negative
-    prompt: our `latent.pipeline` on the folder against diffusers' own pipeline;
+    prompt: our `latent.sd.pipeline` on the folder against diffusers' own pipeline;
 (b) one forward pass of an SD-1.5-shaped U-Net (random weights, 860M parameters; batch
     of 64x64x4 latents with a 77x768 context), ours against UNet2DConditionModel, float32,
     beside the U-Net's own conv and dense layers alone in each framework (the kernel ratio,
@@ -34,7 +34,7 @@ from bench_ddpm import interleaved, layer_calls, with_kernel, write_section  # p
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers import UNet2DConditionModel  # pylint: disable=wrong-import-position
 
-from latent import pipeline  # pylint: disable=wrong-import-position
+from latent.sd import config as sd_config, pipeline  # pylint: disable=wrong-import-position
 from test_latent_pipeline import build_tiny_pipeline  # pylint: disable=wrong-import-position
 
 # Stable Diffusion 1.5's unet/config.json (the architecture keys).
@@ -54,13 +54,14 @@ def bench_tiny_pipeline(batch, repeats):
   prompts = ['red hair'] * batch
   latents = np.random.default_rng(0).standard_normal((batch, 8, 8, 4)).astype(np.float32)
 
-  sample_fn = pipeline.make_sample_fn(ours, 'ddim', 25)  # Compiled once, as a user's session.
+  # Compiled once, as a user's session; the weights are its arguments.
+  sample_fn, params, vae_params = pipeline.make_sample_fn(ours, 'ddim', 25)
 
-  def run_ours():  # Prompts are encoded per call, as diffusers' pipeline does.
-    context = pipeline.encode_prompts(ours, prompts)
-    negative = pipeline.encode_prompts(ours, ['blue'] * batch)
-    images, _ = sample_fn(jnp.asarray(latents), context, negative, jnp.float32(7.5),
-                          jax.random.PRNGKey(0))
+  def run_ours():  # Prompts are tokenised and encoded per call, as diffusers' pipeline does.
+    ids = pipeline.prompt_ids(ours, prompts)
+    negative_ids = pipeline.prompt_ids(ours, ['blue'] * batch)
+    images = sample_fn(params, vae_params, jax.random.PRNGKey(0), ids, jnp.asarray(latents),
+                       jnp.float32(7.5), negative_ids=negative_ids)
     np.asarray(images)  # On the host, as diffusers' output_type='np'.
 
   torch_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2))
@@ -76,7 +77,7 @@ def bench_tiny_pipeline(batch, repeats):
 
 
 def bench_sd15_unet(batch, repeats):
-  unet = pipeline.unet_from_config(dict(SD15_UNET))
+  unet = sd_config.unet_from_config(dict(SD15_UNET))
   z = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 64, 64, 4)), jnp.float32)
   t = jnp.full((batch,), 500, jnp.int32)
   context = jnp.asarray(np.random.default_rng(1).standard_normal((batch, 77, 768)), jnp.float32)

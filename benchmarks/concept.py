@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import imageio, logs  # noqa: E402
-from latent import finetune, sample  # noqa: E402
+from common import imageio, logs, params as params_lib  # noqa: E402
+from latent.finetune import artefacts, base as finetune_base, experiment  # noqa: E402
+from latent.ldm import sample  # noqa: E402
 from latent.configs import (finetune_dreambooth, finetune_hypernetwork,  # noqa: E402
                             finetune_lora, finetune_textual_inversion)
 from metrics import attributes  # noqa: E402
@@ -127,7 +128,7 @@ def main():
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   logs.quiet_library_logs()
   out = Path(args.out)
-  base_config = finetune.read_base_config(args.base)
+  base_config = finetune_base.read_base_config(args.base)
   path = out / 'results.json'
   settings = {k: v for k, v in vars(args).items()
               if k not in ('methods', 'figure', 'drift_figure')}
@@ -162,12 +163,12 @@ def main():
     workdir = out / name
     shutil.rmtree(workdir, ignore_errors=True)  # A run from a crash would resume: time anew.
     start = time.perf_counter()
-    state = finetune.train_and_evaluate(config, str(workdir))
+    state = experiment.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - start
     rate = [v for _, v in logs.read_scalars(workdir, 'steps_per_sec')]
     trainable = sum(int(np.prod(x.shape)) for x in
-                    jax.tree.leaves(finetune.params_lib.Rules(config.params).split(state.params)[0]))
-    artefact = workdir / finetune.ARTEFACTS.get(config.method, '')
+                    jax.tree.leaves(params_lib.Rules(config.params).split(state.params)[0]))
+    artefact = workdir / artefacts.ARTEFACTS.get(config.method, '')
     # DreamBooth's artefact is the fine-tuned U-Net itself (float32), not the checkpoint
     # folder (which also holds the optimiser state).
     size = artefact.stat().st_size if artefact.is_file() else 4 * trainable

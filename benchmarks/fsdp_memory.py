@@ -102,7 +102,7 @@ from common import mesh as mesh_lib, optim  # pylint: disable=wrong-import-posit
 from ddpm import diffusion, train as ddpm_train  # pylint: disable=wrong-import-position
 from ddpm.configs import cifar10  # pylint: disable=wrong-import-position
 from latent.configs import ldm_anime_text  # pylint: disable=wrong-import-position
-from latent.unet import ConditionalUNet  # pylint: disable=wrong-import-position
+from latent.ldm.unet import ConditionalUNet  # pylint: disable=wrong-import-position
 
 LDM_VAE_FACTOR, LDM_LATENT_CHANNELS = 4, 4
 SD_CONTEXT = (77, 768)
@@ -116,13 +116,13 @@ def log(msg):
 
 def conditional_train_step(state, batch, *, config, model, schedule, tx, rules):
   """One step of a conditional U-Net on latents {'z0' [B, h, w, c], 'context' [B, L, D]}:
-  latent/train.py's step without the VAE, the text encoder and condition dropout."""
+  latent/ldm/train.py's step without the VAE, the text encoder and condition dropout."""
   rng = jax.random.fold_in(state.rng, state.step)
   loss_rng, dropout_rng = jax.random.split(rng)
   z0 = batch['z0']
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, z0)
 
-  def loss_fn(params, mb):
+  def loss_fn(params, mb, dropout_rng):  # Masks per example (optim.value_and_grad's rng).
     model_fn = lambda zt, t: model.apply({'params': params}, zt, t, train=True,
                                          context=mb['context'], rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],
@@ -130,7 +130,7 @@ def conditional_train_step(state, batch, *, config, model, schedule, tx, rules):
 
   (loss, aux), grads = optim.value_and_grad(
       loss_fn, state.params, rules, {'z0': z0, 'context': batch['context'], 't': t, 'eps': eps},
-      config.train.grad_accum_steps)
+      config.train.grad_accum_steps, rng=dropout_rng)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return ddpm_train.apply_gradients(state, grads, tx, config.train, rules), metrics
 

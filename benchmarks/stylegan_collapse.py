@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import data as data_lib, imageio, mesh as mesh_lib  # pylint: disable=wrong-import-position
-from stylegan import training_loop  # pylint: disable=wrong-import-position
+from stylegan import generate as generate_lib, phases, state as state_lib  # pylint: disable=wrong-import-position
 from stylegan.configs import demo  # pylint: disable=wrong-import-position
 
 
@@ -49,13 +49,13 @@ def main() -> None:
   mesh = mesh_lib.make_mesh()
   images = data_lib.load_dataset(c.data)
   real_std = (images[:512].astype(np.float32) / 127.5 - 1).std(0).mean()
-  state = training_loop.init_state(c, mesh)
-  steps = training_loop.Steps(c, mesh)
+  state = state_lib.init_state(c, mesh)
+  steps = phases.Steps(c, mesh)
   batches = data_lib.BatchIterator(images, c.train.batch_size, c.seed)
   z = np.random.default_rng(5).standard_normal((64, c.model.z_dim)).astype(np.float32)
 
   def ratio(params):
-    img = training_loop.generate(params, state.w_avg, c, z).astype(np.float32) / 127.5 - 1
+    img = generate_lib.generate(params, state.w_avg, c, z).astype(np.float32) / 127.5 - 1
     return float(img.std(0).mean() / real_std)
 
   start = time.time()
@@ -68,8 +68,8 @@ def main() -> None:
             f'D(fake) {m["D/fake_logits"]:.2f}  p {m["augment/p"]:.3f}', flush=True)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  imageio.save_image(imageio.make_grid(training_loop.generate(state.g_ema_params, state.w_avg,
-                                                              c, z)[:16]), out / f'{args.name}.png')
+  imageio.save_image(imageio.make_grid(generate_lib.generate(state.g_ema_params, state.w_avg,
+                                                             c, z)[:16]), out / f'{args.name}.png')
   print(f'{args.name}: {time.time() - start:.0f} s; grid {out / args.name}.png')
 
 

@@ -140,6 +140,7 @@ class PreemptionGuard:
   def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGINT)):
     self.sync_every = sync_every
     self.signals = signals
+    self.stopped_at: int | None = None  # Set by common.loop.run when it stops on request.
     self._event = threading.Event()
     self._previous = {}
 
@@ -163,10 +164,15 @@ class PreemptionGuard:
     self._event.set()
 
   def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1 and step % self.sync_every:
+      return False
+    return self.stop_requested()
+
+  def stop_requested(self) -> bool:
+    """Whether a process has been signalled; on several hosts agreed by all (each must call
+    it at the same point)."""
     local = self._event.is_set()
     if jax.process_count() == 1:
       return local
-    if step % self.sync_every:
-      return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.array([local]))))

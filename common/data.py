@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jax
 import ml_collections
@@ -146,6 +146,43 @@ def captions_file(c: ml_collections.ConfigDict) -> Path:
       f'No captions.tsv in {c.path} or its parent; set data.captions to the captions file.')
 
 
+def caption_paths(images: list[Path], folder: str | Path,
+                  table: str | Path) -> dict[Path, str]:
+  """{image: caption} of the `images` below `folder` that `table` (a file<TAB>caption TSV)
+  captions, in the images' order.
+
+  A row's `file` names an image by its path relative to `folder` (or to the table's own
+  folder, for a table beside an images/ folder), e.g. `a/1.png`; a bare name (`1.png`) that
+  is no such path names the image of that name in any subfolder, and is an error
+  (DataError, naming the files) where several images have that name: key those rows by
+  relative path.
+  """
+  folder, table = Path(folder), Path(table)
+  rows = dict((PurePosixPath(f.replace('\\', '/')).as_posix(), text)
+              for f, text in imageio.read_caption_table(table))
+  by_name: dict[str, list[Path]] = {}
+  for path in images:
+    by_name.setdefault(path.name, []).append(path)
+  # Paths relative to the table's folder: the folder's own prefix there, if it has one.
+  base, table_dir = folder.resolve(), table.parent.resolve()
+  prefix = base.relative_to(table_dir).as_posix() + '/' if table_dir in base.parents else None
+  out = {}
+  for path in images:
+    rel = path.relative_to(folder).as_posix()
+    key = next((k for k in (rel, prefix and prefix + rel) if k and k in rows), None)
+    if key is None and path.name in rows:
+      same = by_name[path.name]
+      if len(same) > 1:
+        raise DataError(
+            f'{table}: the row {path.name!r} names a file name that {len(same)} images below '
+            f'{folder} share ({", ".join(str(p) for p in same[:4])}); name each by its path '
+            f'relative to {folder} (e.g. {same[0].relative_to(folder).as_posix()!r}).')
+      key = path.name
+    if key is not None:
+      out[path] = rows[key]
+  return out
+
+
 def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, list[str]]:
   """Images with their captions: a folder's captioned files, or the digits as "digit seven"."""
   validate(c)
@@ -156,13 +193,14 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
   if c.source != 'folder':
     raise ConfigError(f"Captions need data.source='folder' (with a captions TSV) or 'digits', "
                      f'not {c.source!r}.')
-  captions = dict(imageio.read_caption_table(captions_file(c)))
-  paths = [p for p in imageio.list_images(c.path) if p.name in captions]
+  table = captions_file(c)
+  captions = caption_paths(imageio.list_images(c.path), c.path, table)
+  paths = list(captions)
   if not paths:
-    raise DataError(f'No image in {c.path} has a caption in {captions_file(c)}.')
+    raise DataError(f'No image in {c.path} has a caption in {table}.')
   if c.exclude_captions:
     excluded = re.compile(c.exclude_captions, re.IGNORECASE)
-    kept_paths = [p for p in paths if not excluded.search(captions[p.name])]
+    kept_paths = [p for p in paths if not excluded.search(captions[p])]
     logging.info('data.exclude_captions=%r leaves out %d of %d captioned images.',
                  c.exclude_captions, len(paths) - len(kept_paths), len(paths))
     if not kept_paths:
@@ -174,7 +212,7 @@ def load_captioned_dataset(c: ml_collections.ConfigDict) -> tuple[np.ndarray, li
                                        center_crop=c.center_crop):
     if img is not None:
       images.append(img)
-      kept.append(captions[path.name])
+      kept.append(captions[path])
   if not images:
     raise imageio.NoImagesError(f'None of the captioned images in {c.path} could be read.')
   images = np.stack(images)

@@ -8,7 +8,9 @@ that never loses a good run's files to a failing one:
 
   validate -> check the workdir's run keys -> mesh -> data -> parameter rules
   checked on the abstract state -> restore (sharded, any topology) or initialise
-  -> config.json and the model's records -> parameter tables -> common.loop.run -> finish.
+  -> config.json and the model's records -> parameter tables -> common.loop.run -> finish
+  (only once the run is complete: after a SIGTERM stop the checkpoint alone is written, and
+  the rerun that reaches the last step, or finds it reached, finishes).
 
 The state's layout over the mesh comes from `mesh.state_shardings` on the
 state's `jax.eval_shape` and `config.params` (common.params), nowhere else:
@@ -93,7 +95,8 @@ class Experiment:
             if 'optim' in self.config else None)
 
   def finish(self, state, ckpt: checkpoint.Checkpointer, writer, start: int):
-    """After the last step (e.g. stage 1's latent scale factor); returns the state."""
+    """After the last step (e.g. stage 1's latent scale factor); returns the state. Not after
+    a preemption (SIGTERM) stop: then the rerun that completes the run calls it."""
     return state
 
   # -- shared ---------------------------------------------------------------------------
@@ -151,13 +154,18 @@ def train_and_evaluate(exp: Experiment, workdir: str | Path):
       logging.info('State sharded over fsdp=%d: %.1f MiB per device.',
                    exp.mesh.shape[mesh_lib.FSDP_AXIS], mesh_lib.per_device_bytes(state) / 2**20)
     try:
+      guard = checkpoint.PreemptionGuard()
       state = loop.run(
           state, exp.make_step(shardings), exp.batches(start), mesh=exp.mesh,
           num_steps=t.num_steps, ckpt=ckpt, writer=writer, log_every=t.log_every,
           checkpoint_every=t.checkpoint_every, items_per_step=t.batch_size, start=start,
           hooks=exp.hooks(writer), scalars_fn=exp.scalars, name=f'{exp.name} train step',
-          constants=exp.constants())
-      state = exp.finish(state, ckpt, writer, start)
+          constants=exp.constants(), guard=guard)
+      if guard.stopped_at is None:
+        state = exp.finish(state, ckpt, writer, start)
+      else:  # Preempted: the grace period is for the checkpoint (written), not the artefacts.
+        logging.info('Stopped at step %d: %s runs when the rerun completes the run.',
+                     guard.stopped_at, f'{type(exp).__name__}.finish')
     finally:
       writer.flush()
   finally:

@@ -178,6 +178,12 @@ def read_caption_table(path: str | os.PathLike) -> list[tuple[str, str]]:
           for row in rows[1:] if row and row[i_file].strip()]
 
 
+def to_unit(images_uint8):
+  """uint8 images (numpy or jax) -> float32 in [-1, 1], the range every model here works in;
+  `to_uint8` is the inverse."""
+  return images_uint8.astype('float32') / 127.5 - 1.0
+
+
 def to_uint8(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
   """Floats in `value_range` to uint8, clipping outside values."""
   lo, hi = value_range

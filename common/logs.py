@@ -17,10 +17,12 @@ import types
 from pathlib import Path
 from typing import Any, Mapping
 
+import flax.traverse_util
 import jax
 import numpy as np
 
 from common import errors
+from common import params as params_lib
 
 # Library loggers whose INFO/WARNING lines carry nothing for the user of a command.
 _QUIET_LOGGERS = {
@@ -167,7 +169,9 @@ def log_parameter_overview(params: Any, name: str = 'params',
                            workdir: str | Path | None = None) -> int:
   """One line: the total and each top-level module's count; the full table to a file.
 
-  The per-parameter table goes to WORKDIR/parameters_<name>.txt (too long for a console).
+  The per-parameter table goes to WORKDIR/parameters_<name>.txt (too long for a console),
+  each path spelt as `config.params` rules and `lora.targets` match it (common.params'
+  `path_str`: a module name's '.' written '/', 'ff/net_0/proj/kernel').
   Returns the total count.
   """
   total = count_parameters(params)
@@ -175,14 +179,16 @@ def log_parameter_overview(params: Any, name: str = 'params',
     return total
   parts = []
   if isinstance(params, Mapping):
-    parts = [f'{k} {count_parameters(v):,}' for k, v in params.items()]
+    parts = [f'{params_lib.path_str((k,))} {count_parameters(v):,}' for k, v in params.items()]
   shown = parts if len(parts) <= 12 else parts[:11] + [f'... {len(parts) - 11} more']
   where = ''
   if workdir is not None:
     from clu import parameter_overview  # pylint: disable=g-import-not-at-top
     path = Path(workdir) / f'parameters_{name.lower().replace(" ", "_")}.txt'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(parameter_overview.get_parameter_overview(params, include_stats=False) + '\n')
+    flat = {params_lib.path_str(k): v
+            for k, v in flax.traverse_util.flatten_dict(params).items()}
+    path.write_text(parameter_overview.get_parameter_overview(flat, include_stats=False) + '\n')
     where = f' (table: {path})'
   logging.info('%s: %s parameters%s%s', name, f'{total:,}',
                f' = {", ".join(shown)}' if shown else '', where)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from common import checkpoint, errors, logs, mesh as mesh_lib
+from common import atomic, checkpoint, errors, logs, mesh as mesh_lib
 from common import config as config_lib
 
 
@@ -65,9 +65,9 @@ def record_config(config, workdir: str | Path) -> Path:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    tmp = workdir / 'config.json.tmp'
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, default=list))
-    tmp.replace(workdir / 'config.json')  # Atomic: a kill never leaves half a record.
+    text = json.dumps(config.to_dict(), indent=2, default=list)
+    # Atomic: a kill never leaves half a record.
+    atomic.write_file(workdir / 'config.json', lambda tmp: tmp.write_text(text))
   return workdir
 
 
@@ -106,7 +106,7 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
         ckpt: checkpoint.Checkpointer, writer, log_every: int, checkpoint_every: int,
         items_per_step: int = 0, start: int = 0, hooks: Sequence[Hook] = (),
         scalars_fn: Callable[[int], dict] | None = None, name: str = 'train step',
-        constants: Sequence[Any] = ()):
+        constants: Sequence[Any] = (), guard: checkpoint.PreemptionGuard | None = None):
   """Runs `state, metrics = step_fn(state, batch, *constants)` from `start` to `num_steps`.
 
   `step_fn` is a jitted function whose state argument is donated, or an object whose
@@ -117,7 +117,8 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
   `scalars_fn(step)` adds host-side scalars (e.g. the learning rate) to the logs;
   `constants` are the step's frozen extra arguments (see `jit_step`).
   Returns the final state. On SIGTERM it saves and returns early; rerunning
-  the same command resumes.
+  the same command resumes. `guard` (a fresh `checkpoint.PreemptionGuard` by default)
+  watches for the signal; its `stopped_at` is the step a stop was made at, else None.
   """
   progress = logs.Progress(num_steps, writer, start, items_per_step=items_per_step)
   pending: list[dict] = []  # Device metrics since the last check, fetched lazily.
@@ -148,7 +149,8 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
   mesh_lib.barrier(f'{name} compiled')
   progress.reset_timer(start)
 
-  with checkpoint.PreemptionGuard() as guard:
+  guard = checkpoint.PreemptionGuard() if guard is None else guard
+  with guard:
     while step < num_steps:
       if batch is None:
         batch = mesh_lib.shard_batch(next(batches), mesh)
@@ -175,6 +177,12 @@ def run(state, step_fn: Callable, batches: Iterator, *, mesh, num_steps: int,
       if ran_hook:
         progress.reset_timer(step)
       if stopping:
+        guard.stopped_at = step
         logging.warning('Stopped at step %d on request; rerun the same command to resume.', step)
         break
+    if guard.stopped_at is None and guard.stop_requested():
+      # Signalled during the last step's hooks: its checkpoint is written, the run is over,
+      # and the grace period is not spent on the experiment's final actions either.
+      guard.stopped_at = step
+      logging.warning('Stop requested at the last step %d: its checkpoint is written.', step)
   return state

@@ -15,6 +15,15 @@ A and B is that of the two-branch form. `enabled()` evaluates the two-branch for
 strength, into the base (`merge_adapters`). `to_peft`/`from_peft` convert to and from
 PEFT's LoRA state dicts (`<module>.lora_A.weight` [r, in], `lora_B.weight` [out, r]; what
 diffusers' `load_lora_weights` reads), with the module names of `ddpm.convert`.
+
+The scale lives in the tree as the non-trainable `lora_scale` leaf (PEFT's `scaling`), never
+in B: A and B are the trained factors everywhere, in the tree and in the files. A file
+carries the alphas in its metadata as PEFT does (`lora_alpha`, `alpha_pattern` for modules
+whose alpha differs; `alphas`), and kohya's `ss_network_dim`/`ss_network_alpha`; `load`
+reads them back (or kohya's per-module `<module>.alpha` tensors), so the scale is exact
+both ways. A reader that ignores the metadata (diffusers releases from before its
+`lora_adapter_metadata`; loaders that look only for `<module>.alpha` tensors) applies
+scale 1, i.e. alpha = r: the same file as before when alpha = r (the default).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import flax.traverse_util
@@ -33,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import errors
+from common import atomic, errors
 from common import params as params_lib
 
 A, B, SCALE = 'lora_A', 'lora_B', 'lora_scale'
@@ -42,6 +51,8 @@ LEAVES = (A, B, SCALE)
 DEFAULT_TARGETS = r'.*/(to_q|to_k|to_v|to_out_0)'
 # Top-level parts of a diffusers pipeline whose LoRA keys a file may hold.
 PIPELINE_COMPONENTS = ('unet', 'text_encoder', 'text_encoder_2', 'transformer')
+# The safetensors metadata key of PEFT's LoraConfig fields (diffusers' LORA_ADAPTER_METADATA_KEY).
+LORA_METADATA = 'lora_adapter_metadata'
 
 
 def add(params, rng: jax.Array, rank: int = 4, alpha: float | None = None,
@@ -55,10 +66,12 @@ def add(params, rng: jax.Array, rank: int = 4, alpha: float | None = None,
   regex = re.compile(targets)
   flat = flax.traverse_util.flatten_dict(params)
   out = dict(flat)
-  matched = []
+  matched, modules = [], []
   for key, w in flat.items():
-    if key[-1] != 'kernel' or w.ndim not in (2, 4) or not regex.fullmatch(
-        params_lib.path_str(key[:-1])):
+    if key[-1] != 'kernel' or w.ndim not in (2, 4):
+      continue
+    modules.append(params_lib.path_str(key[:-1]))
+    if not regex.fullmatch(modules[-1]):
       continue
     module = key[:-1]
     if module + (A,) in flat:
@@ -71,8 +84,15 @@ def add(params, rng: jax.Array, rank: int = 4, alpha: float | None = None,
     out[module + (B,)] = jnp.zeros((rank, w.shape[-1]), jnp.float32)
     out[module + (SCALE,)] = jnp.asarray((alpha or rank) / rank, jnp.float32)
     matched.append(params_lib.path_str(module))
+  example = f' (module paths look like {modules[0]!r})' if modules else ''
   if not matched:
-    raise errors.ConfigError(f'LoRA targets {targets!r} match no Dense or Conv module.')
+    raise errors.ConfigError(f'LoRA targets {targets!r} match no Dense or Conv module{example}.')
+  missing = params_lib.unmatched_alternatives(targets, modules)
+  if missing:
+    raise errors.ConfigError(
+        f'LoRA targets {targets!r}: the alternative{"s" * (len(missing) > 1)} '
+        f'{", ".join(map(repr, missing))} match{"es" * (len(missing) == 1)} no Dense or Conv '
+        f'module{example}.')
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -158,11 +178,26 @@ def enabled():
 
 # --- PEFT / diffusers state dicts -----------------------------------------------------------
 
-def to_peft(adapter, prefix: str = '') -> dict[str, np.ndarray]:
-  """PEFT's LoRA state dict of an adapter (or of parameters holding one).
+def _alpha(scale, rank: int) -> float | int:
+  """alpha = scale * r from the float32 scale, to the 6 significant digits a config holds
+  (alpha / r then gives back the very scale); an int when whole, as PEFT configs write it."""
+  alpha = float(f'{float(np.float32(scale)) * rank:.6g}')
+  return int(alpha) if alpha.is_integer() else alpha
 
-  The scale is folded into lora_B, so the file loads with lora_alpha = r (PEFT's and
-  diffusers' default when no alpha is given) and reproduces this model's outputs.
+
+def alphas(adapter, prefix: str = '') -> dict[str, float | int]:
+  """{PEFT module name: alpha} of an adapter (or of parameters holding one): what PEFT's
+  `lora_alpha`/`alpha_pattern` record, the scale being alpha / r."""
+  flat = flax.traverse_util.flatten_dict(adapter)
+  return {prefix + params_lib.torch_module_name(k[:-1]): _alpha(flat[k[:-1] + (SCALE,)],
+                                                               int(v.shape[-1]))
+          for k, v in flat.items() if k[-1] == A}
+
+
+def to_peft(adapter, prefix: str = '') -> dict[str, np.ndarray]:
+  """PEFT's LoRA state dict of an adapter (or of parameters holding one): A and B as they
+  are, unscaled, as PEFT keeps them; the scale goes with `alphas(adapter)` (PEFT's
+  lora_alpha / alpha_pattern: what `save` writes into the file's metadata).
   """
   flat = flax.traverse_util.flatten_dict(adapter)
   out = {}
@@ -170,7 +205,7 @@ def to_peft(adapter, prefix: str = '') -> dict[str, np.ndarray]:
     if key[-1] != A:
       continue
     module = key[:-1]
-    b = np.asarray(flat[module + (B,)], np.float32) * float(flat[module + (SCALE,)])
+    b = np.asarray(flat[module + (B,)], np.float32)
     a = np.asarray(a, np.float32)
     name = prefix + params_lib.torch_module_name(module)
     if a.ndim == 2:
@@ -183,10 +218,13 @@ def to_peft(adapter, prefix: str = '') -> dict[str, np.ndarray]:
 
 
 def from_peft(state_dict: dict[str, np.ndarray], params, prefix: str = '',
-              alpha: float | None = None) -> dict:
-  """An adapter for `params` from a PEFT/diffusers LoRA state dict (scale alpha / r; alpha
-  defaults to r, as PEFT's when the file gives none). Keys naming no layer of `params`, or
-  shapes that do not fit it, are a ConfigError naming the first few."""
+              alpha: float | Mapping[str, float] | None = None) -> dict:
+  """An adapter for `params` from a PEFT/diffusers LoRA state dict, each module's scale
+  alpha / r. `alpha`: one value for every module, or {module name as the state dict
+  writes it: alpha} (`alphas`, or a file's metadata: `metadata_alphas`); a module it does
+  not name takes the state dict's kohya-style `<module>.alpha` if there is one, else r
+  (PEFT's default when nothing gives an alpha). Keys naming no layer of `params`, or shapes
+  that do not fit it, are a ConfigError naming the first few."""
   kernels = {params_lib.torch_module_name(k[:-1]): (k[:-1], v.shape)
              for k, v in flax.traverse_util.flatten_dict(params).items() if k[-1] == 'kernel'}
   out, unknown, misfit = {}, [], []
@@ -206,8 +244,12 @@ def from_peft(state_dict: dict[str, np.ndarray], params, prefix: str = '',
     if a.shape[:-1] != shape[:-1] or b.shape != (a.shape[-1], shape[-1]):
       misfit.append(f'{name} (A {a.shape}, B {b.shape} for a {shape} kernel)')
       continue
+    rank = a.shape[-1]
+    given = alpha.get(name) if isinstance(alpha, Mapping) else alpha
+    if given is None and f'{name}.alpha' in state_dict:
+      given = float(np.asarray(state_dict[f'{name}.alpha']))
     out[module + (A,)], out[module + (B,)] = a, b
-    out[module + (SCALE,)] = np.float32((alpha or a.shape[-1]) / a.shape[-1])
+    out[module + (SCALE,)] = np.float32((given or rank) / rank)
   if unknown or misfit:
     problems = ([f'{len(unknown)} name no layer of this model: {", ".join(unknown[:3])}']
                 if unknown else []) + (
@@ -220,15 +262,55 @@ def from_peft(state_dict: dict[str, np.ndarray], params, prefix: str = '',
   return flax.traverse_util.unflatten_dict(out)
 
 
+def _pattern_key(patterns: Iterable[str], name: str) -> str | None:
+  """The first PEFT rank/alpha pattern naming module `name` (peft.utils.other's
+  get_pattern_key: the pattern matches a '.'-separated suffix of the name)."""
+  return next((p for p in patterns if re.match(rf'(.*\.)?({p})$', name)), None)
+
+
+def metadata_alphas(metadata: Mapping[str, str] | None, names: Iterable[str]) -> dict[str, float]:
+  """{module name: alpha} from a LoRA file's safetensors metadata (PEFT's LoraConfig fields
+  in `lora_adapter_metadata`, as diffusers and `save` write them, under each pipeline
+  component's prefix, 'unet.lora_alpha'); the names it does not cover are left out."""
+  text = (metadata or {}).get(LORA_METADATA)
+  if not text:
+    return {}
+  try:
+    config = json.loads(text)
+  except ValueError:
+    return {}
+  if not isinstance(config, dict):
+    return {}
+  out = {}
+  for name in names:
+    component = name.split('.')[0] + '.'
+    if f'{component}lora_alpha' not in config and f'{component}r' not in config:
+      component = ''
+    pattern = config.get(f'{component}alpha_pattern') or {}
+    key = _pattern_key(pattern, name[len(component):])
+    value = pattern[key] if key is not None else config.get(f'{component}lora_alpha')
+    if value is not None:
+      out[name] = float(value)
+  return out
+
+
+def _common(values: dict[str, Any]):
+  """The most frequent value (PEFT's r / lora_alpha; the pattern holds the others)."""
+  values = list(values.values())
+  return max(dict.fromkeys(values), key=values.count)
+
+
 def save(path: str | Path, adapter, prefix: str = '') -> Path:
-  """Writes the adapter as PEFT-format safetensors (diffusers' pytorch_lora_weights layout)."""
+  """Writes the adapter as PEFT-format safetensors (diffusers' pytorch_lora_weights layout):
+  A and B as trained, the alphas in the metadata (PEFT's `lora_alpha`/`alpha_pattern`,
+  which diffusers' `load_lora_weights` reads; kohya's `ss_network_alpha`)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
   flat = flax.traverse_util.flatten_dict(adapter)
   ranks = {prefix + params_lib.torch_module_name(k[:-1]): int(v.shape[-1])
            for k, v in flat.items() if k[-1] == A}
+  module_alphas = alphas(adapter, prefix)
   # The component the keys live under ('unet.' of a pipeline's LoRA file): diffusers'
   # loader reads the metadata under that prefix, module names relative to it.
   firsts = {name.split('.')[0] for name in ranks}
@@ -236,27 +318,34 @@ def save(path: str | Path, adapter, prefix: str = '') -> Path:
   if len(firsts) == 1 and (prefix or next(iter(firsts)) in PIPELINE_COMPONENTS):
     component = next(iter(firsts)) + '.'
   ranks = {name[len(component):]: r for name, r in ranks.items()}
-  rank = max(set(ranks.values()), key=list(ranks.values()).count)
-  # PEFT's LoraConfig fields, which diffusers' loader reads: the scale is folded into B, so
-  # alpha equals rank.
-  config = {'r': rank, 'lora_alpha': rank, 'target_modules': sorted(ranks),
+  module_alphas = {name[len(component):]: a for name, a in module_alphas.items()}
+  rank, alpha = _common(ranks), _common(module_alphas)
+  # PEFT's LoraConfig fields, which diffusers' loader reads (scale alpha / r per module).
+  config = {'r': rank, 'lora_alpha': alpha, 'target_modules': sorted(ranks),
             'rank_pattern': {m: r for m, r in ranks.items() if r != rank},
-            'alpha_pattern': {m: r for m, r in ranks.items() if r != rank}}
+            'alpha_pattern': {m: a for m, a in module_alphas.items() if a != alpha}}
   config = {f'{component}{k}': v for k, v in config.items()}
-  save_file(to_peft(adapter, prefix), str(tmp),
-            metadata={'format': 'pt', 'lora_adapter_metadata': json.dumps(config)})
-  tmp.replace(path)
-  return path
+  # kohya's training metadata (sd-scripts' ss_network_dim / ss_network_alpha).
+  kohya = {'ss_network_dim': str(rank), 'ss_network_alpha': str(alpha)}
+  tensors = to_peft(adapter, prefix)
+  metadata = {'format': 'pt', LORA_METADATA: json.dumps(config), **kohya}
+  return atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load(path: str | Path, params, prefix: str = '') -> dict:
-  """An adapter for `params` from a PEFT/diffusers LoRA .safetensors file."""
+  """An adapter for `params` from a PEFT/diffusers LoRA .safetensors file, each module at
+  the alpha its metadata gives (`metadata_alphas`; else a `<module>.alpha` tensor; else r)."""
   path = Path(path)
   if not path.is_file():
     raise errors.MissingFileError(f'LoRA file {path} does not exist.')
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  with safe_open(str(path), framework='numpy') as f:
+    metadata = f.metadata()
+  state = load_file(str(path))
+  names = [k[:-len('.lora_A.weight')] for k in state if k.endswith('.lora_A.weight')]
   try:
-    return from_peft(load_file(str(path)), params, prefix)
+    return from_peft(state, params, prefix, metadata_alphas(metadata, names))
   except errors.ConfigError as e:
     raise errors.ConfigError(f'{path}: {e}') from None
 

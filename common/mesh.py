@@ -136,6 +136,24 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = 'batch_size
   return global_batch_size // jax.process_count()
 
 
+def device_batch(batch_size: int, n: int, mesh: Mesh) -> int:
+  """The batch of a sampling or encoding call over n items: min(batch_size, n) rounded up to
+  a multiple of the mesh's devices, so every call has one compiled shape."""
+  d = mesh.devices.size
+  return -(-min(batch_size, n) // d) * d
+
+
+def padded_batches(array: np.ndarray, batch_size: int, mesh: Mesh):
+  """(start, batch placed over the mesh's devices, count of real rows) over `array` in
+  batches of device_batch's size, the last one padded by repeating its last row (so the
+  rows of each output [:count] are what the array's own rows give)."""
+  batch = device_batch(batch_size, len(array), mesh)
+  for start in range(0, len(array), batch):
+    chunk = np.asarray(array[start:start + batch])
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+    yield start, jax.device_put(padded, data_sharding(mesh)), len(chunk)
+
+
 def shard_batch(batch, mesh: Mesh):
   """Host-local numpy batch (this process's rows) -> global sharded jax.Array.
 

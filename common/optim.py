@@ -77,7 +77,7 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int,
 
 
 def value_and_grad(loss_fn: Callable, params, rules: params_lib.Rules, batch,
-                   accum_steps: int = 1):
+                   accum_steps: int = 1, rng: jax.Array | None = None):
   """((loss, aux), grads) of `loss_fn(params, batch) -> (loss, aux)` w.r.t. the trainable
   parameters only (frozen ones are constants: no weight gradients are computed for them).
 
@@ -86,14 +86,37 @@ def value_and_grad(loss_fn: Callable, params, rules: params_lib.Rules, batch,
   gradients are averaged: the same update as the whole batch at once when the loss is a
   mean over examples whose randomness is drawn per example outside `loss_fn`, at 1/k of
   the activation memory.
+
+  Dropout is the randomness drawn inside `loss_fn`. Given `rng`, `loss_fn(params, batch,
+  rng)` gets it for its model's dropout (the same key for every micro-batch), and every
+  nn.Dropout it applies draws example i's mask from fold_in(the layer's key, i), i the
+  example's row in the whole (global) batch, whichever micro-batch it falls in
+  (`layers.per_example_dropout`). So each example draws its own masks, and k micro-batches
+  of B/k draw exactly the masks of one batch of B: the same update. Without `rng`, a mask
+  is drawn per call for the inputs of that call: a micro-batch's masks are not its rows'
+  masks in the whole batch, and a key closed over repeats the same masks in every
+  micro-batch.
   """
   trainable, frozen = rules.split(params)
-  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(rules.merge(p, frozen), b), has_aux=True)
+  if rng is None:
+    objective = lambda p, b: loss_fn(rules.merge(p, frozen), b)
+  else:
+    batch = (batch, jnp.arange(jax.tree.leaves(batch)[0].shape[0], dtype=jnp.uint32))
+
+    from common import layers  # pylint: disable=g-import-not-at-top (flax: configs import optim)
+
+    def objective(p, b):
+      examples, rows = b
+      with layers.per_example_dropout(rows):
+        return loss_fn(rules.merge(p, frozen), examples, rng)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   if accum_steps == 1:
     return grad_fn(trainable, batch)
   k = accum_steps
   # [B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, ...: each device keeps its
   # own rows (the batch is split in contiguous blocks), so no data moves between devices.
+  # The row numbers (with `rng`) are split with their rows.
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),
                        batch)
   first = jax.tree.map(lambda x: x[0], micro)

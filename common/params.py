@@ -8,7 +8,10 @@ For each parameter the first rule whose regex matches the whole path decides;
 a parameter no rule matches gets the default. A rule that is malformed or
 matches no parameter is a config error naming it, raised before any compute
 (`Rules.check`), as big_vision's `schedule`/`lr_mults` rules and
-MaxDiffusion's logical axis rules are.
+MaxDiffusion's logical axis rules are; so is an alternative of a rule's alternation
+that matches nothing (the `conv_zz` of `(conv_in|conv_zz)/.*`: a typo there would
+otherwise pass silently). The shipped default `weight_decay` rule is exempt from that:
+it is written for every model, with or without norm scales.
 
     trainable       (regex, bool): False freezes (no gradient, no optimiser state, no EMA).
     lr_multipliers  (regex, float): the learning rate times this (optax.multi_transform).
@@ -64,6 +67,102 @@ def path_str(path: Iterable[Any]) -> str:
   return '/'.join(parts)
 
 
+def _alternations(pattern: str) -> list[tuple[int, int, list[int]]]:
+  """(body start, body end, positions of its top-level '|') of each alternation in
+  `pattern`: the pattern itself and every group's body. Escapes, character classes and
+  comments are skipped; negative lookarounds and conditionals are not listed (narrowing
+  them widens the match)."""
+  out, n = [], len(pattern)
+  stack = [(0, [], True)]  # (body start, bars, listed)
+  i = 0
+  while i < n:
+    ch = pattern[i]
+    if ch == '\\':
+      i += 2
+      continue
+    if ch == '[':  # A class: '|' and parentheses in it are literal.
+      j = i + 1
+      j += pattern.startswith('^', j)
+      j += pattern.startswith(']', j)
+      while j < n and pattern[j] != ']':
+        j += 2 if pattern[j] == '\\' else 1
+      i = j + 1
+      continue
+    if ch == '(':
+      body, listed = i + 1, True
+      if pattern.startswith('?', body):
+        if pattern.startswith('?#', body):  # A comment.
+          j = pattern.find(')', body)
+          i = n if j < 0 else j + 1
+          continue
+        if pattern.startswith('?P<', body):
+          body = pattern.find('>', body) + 1
+        elif pattern.startswith(('?:', '?=', '?>'), body):
+          body += 2
+        elif pattern.startswith('?<=', body):
+          body += 3
+        elif pattern.startswith(('?!', '?<!', '?(', '?P='), body):
+          listed = False
+        else:  # Flags: (?i) alone, or (?i:...) scoping a body.
+          j = body
+          while j < n and pattern[j] not in ':)':
+            j += 1
+          if j >= n or pattern[j] == ')':
+            i = j + 1
+            continue
+          body = j + 1
+      stack.append((body, [], listed))
+      i = body
+      continue
+    if ch == ')' and len(stack) > 1:
+      start, bars, listed = stack.pop()
+      if bars and listed:
+        out.append((start, i, bars))
+    elif ch == '|':
+      stack[-1][1].append(i)
+    i += 1
+  if stack[0][1]:
+    out.append((0, n, stack[0][1]))
+  return out
+
+
+def unmatched_alternatives(pattern: str, names: Iterable[str]) -> list[str]:
+  """The alternatives of `pattern`'s alternations (see `_alternations`) that fullmatch none
+  of `names` once the pattern is narrowed to them (their alternation, and every alternation
+  around it, keeping only the branch that holds them): '.*/(to_q|to_zz)' over paths without
+  a 'to_zz' gives ['to_zz'], '.*/(to_(q|zz)|conv1)' gives ['zz'] too."""
+  names = list(names)
+  alternations = _alternations(pattern)
+  branches = lambda start, end, bars: list(zip([start, *(b + 1 for b in bars)], [*bars, end]))
+  out = []
+  for start, end, bars in alternations:
+    for a, b in branches(start, end, bars):
+      keep = []  # The (start, end) kept of this alternation and of each one around it.
+      for s, e, bs in alternations:
+        if s <= start and end <= e:
+          keep.append(next((x, y) for x, y in branches(s, e, bs) if x <= a and b <= y)
+                      + (s, e))
+      alternative = pattern[a:b]
+      try:
+        regex = re.compile(_narrow(pattern, keep))
+      except re.error:
+        continue
+      if alternative not in out and not any(regex.fullmatch(n) for n in names):
+        out.append(alternative)
+  return out
+
+
+def _narrow(pattern: str, keep: list[tuple[int, int, int, int]]) -> str:
+  """`pattern` with each (kept start, kept end, body start, body end) body cut to its kept
+  span; the bodies are nested, so the cuts are disjoint."""
+  cuts = sorted([(s, x) for x, y, s, e in keep] + [(y, e) for x, y, s, e in keep])
+  text, i = [], 0
+  for s, e in cuts:
+    text.append(pattern[i:s])
+    i = e
+  return ''.join(text) + pattern[i:]
+
+
 # Flax module names are diffusers' with each '.N' written '_N' (ddpm.convert); LoRA files and
 # weight export go back to the torch names. These torch names have a '_N' of their own.
 _TORCH_UNDERSCORE_NAMES = ('linear_1', 'linear_2')
@@ -84,8 +183,13 @@ class Rules:
 
   def __init__(self, c: ml_collections.ConfigDict | None = None):
     c = c if c is not None else get_config()
-    config_lib.check_keys(c, get_config(), 'params')
+    defaults = get_config()
+    config_lib.check_keys(c, defaults, 'params')
     self.config = c
+    # The shipped defaults' rules, exempt from the alternatives check (see the docstring).
+    self._defaults = {(key, tuple(rule)) for key in ('trainable', 'lr_multipliers',
+                                                     'weight_decay', 'sharding')
+                      for rule in defaults[key]}
     self.trainable = self._compile(c.trainable, 'params.trainable', bool)
     self.lr_multipliers = self._compile(c.lr_multipliers, 'params.lr_multipliers', float)
     self.weight_decay = self._compile(c.weight_decay, 'params.weight_decay', bool)
@@ -142,13 +246,19 @@ class Rules:
 
   def check(self, trees: Mapping[str, Any]) -> None:
     """Raises a ConfigError naming every rule that matches no parameter of `trees`
-    ({net name: params or their eval_shape}), and when nothing is left to train."""
+    ({net name: params or their eval_shape}), and every alternative of a rule's alternation
+    that matches none (`unmatched_alternatives`), and when nothing is left to train."""
     paths = [path_str(p) for tree in trees.values()
              for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    unused = [f'{name}={pattern!r}'
-              for rules in (self.trainable, self.lr_multipliers, self.weight_decay, self.sharding)
-              for pattern, regex, _, name in rules
-              if not any(regex.fullmatch(p) for p in paths)]
+    unused = []
+    for key, rules in (('trainable', self.trainable), ('lr_multipliers', self.lr_multipliers),
+                       ('weight_decay', self.weight_decay), ('sharding', self.sharding)):
+      for pattern, regex, value, name in rules:
+        if not any(regex.fullmatch(p) for p in paths):
+          unused.append(f'{name}={pattern!r}')
+        elif (key, (pattern, value)) not in self._defaults:
+          unused += [f'{name}={pattern!r}: its alternative {alternative!r}'
+                     for alternative in unmatched_alternatives(pattern, paths)]
     if unused:
       example = paths[0] if paths else '(none)'
       raise ConfigError(f'{", ".join(unused)} match(es) no parameter (paths look like '
@@ -188,6 +298,10 @@ class Rules:
   def with_ema(self, params, ema_params) -> dict:
     """The full parameters for sampling: the EMA (kept of trainable ones only) over `params`."""
     return self.merge(ema_params, self.split(params)[1])
+
+  def of_state(self, state, use_ema: bool = True) -> dict:
+    """A train state's parameters to sample or export: with_ema's, or the raw ones."""
+    return self.with_ema(state.params, state.ema_params) if use_ema else state.params
 
   def optimizer(self, make: Callable[..., Any]):
     """`make(lr_multiplier, decay_mask)` -> an optax transformation, combined over the rules.

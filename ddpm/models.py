@@ -46,7 +46,8 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.features, dtype=self.dtype, name='linear_2')(nn.silu(x))
 
 
-def _conv(features, name, dtype, kernel=3, stride=1):
+def conv(features, name, dtype, kernel=3, stride=1):
+  """A k x k convolution with symmetric padding, as torch's Conv2d(padding=k // 2)."""
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  dtype=dtype, name=name)
@@ -66,15 +67,15 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
     norm = lambda name: GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
-    h = _conv(self.out_channels, 'conv1', self.dtype)(nn.silu(norm('norm1')(x)))
+    h = conv(self.out_channels, 'conv1', self.dtype)(nn.silu(norm('norm1')(x)))
     if temb is not None:
       h = h + nn.Dense(self.out_channels, dtype=self.dtype,
                        name='time_emb_proj')(nn.silu(temb))[:, None, None, :]
     h = nn.silu(norm('norm2')(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_channels, 'conv2', self.dtype)(h)
+    h = conv(self.out_channels, 'conv2', self.dtype)(h)
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 'conv_shortcut', self.dtype, kernel=1)(x)
+      x = conv(self.out_channels, 'conv_shortcut', self.dtype, kernel=1)(x)
     return x + h
 
 
@@ -106,7 +107,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     if not self.asymmetric:
-      return _conv(x.shape[-1], 'conv', self.dtype, stride=2)(x)
+      return conv(x.shape[-1], 'conv', self.dtype, stride=2)(x)
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     return nn.Conv(x.shape[-1], (3, 3), (2, 2), padding='VALID', dtype=self.dtype, name='conv')(x)
 
@@ -118,7 +119,7 @@ class Upsample(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), 'nearest')
-    return _conv(c, 'conv', self.dtype)(x)
+    return conv(c, 'conv', self.dtype)(x)
 
 
 class UNet(nn.Module):
@@ -176,7 +177,7 @@ class UNet(nn.Module):
     self.check_input(x)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     temb = self.embed_time(t, train)
-    return _conv(self.block_out_channels[0], 'conv_in', self.dtype)(x.astype(self.dtype)), temb
+    return conv(self.block_out_channels[0], 'conv_in', self.dtype)(x.astype(self.dtype)), temb
 
   def encode(self, h, temb, train: bool, context, context_mask):
     """The down blocks and the mid block from conv_in's output: (h, skips), skips being
@@ -231,4 +232,4 @@ class UNet(nn.Module):
 
     h = nn.silu(GroupNorm(self.norm_groups, epsilon=self.norm_eps, dtype=self.dtype,
                              name='conv_norm_out')(h))
-    return _conv(self.out_channels, 'conv_out', self.dtype)(h).astype(jnp.float32)
+    return conv(self.out_channels, 'conv_out', self.dtype)(h).astype(jnp.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def generate(config, workdir: str | Path) -> Path:
   params = lora.apply_files(params, s.adapters)
   mesh = exp.mesh
   sample_fn = train.make_sample_fn(config, model, schedule)
-  batch = math.ceil(min(s.batch_size, s.num_images) / mesh.devices.size) * mesh.devices.size
+  batch = mesh_lib.device_batch(s.batch_size, s.num_images, mesh)
   rng = jax.random.PRNGKey(s.seed)
   noise = lambda key: jax.device_put(train.noise_like_batch(key, batch, config),
                                      mesh_lib.data_sharding(mesh))

@@ -154,21 +154,15 @@ def upscale_array(upscale_fn, params, images: np.ndarray, batch_size: int, rng, 
                   progress: bool = False) -> np.ndarray:
   """uint8 low-res [N, h, w, 3] -> uint8 [N, S, S, 3], in batches of one compiled shape (the
   last padded), each split over the mesh's devices."""
-  n = len(images)
-  devices = mesh.devices.size
-  batch = math.ceil(min(batch_size, n) / devices) * devices
-  out = []
-  steps = range(0, n, batch)
+  steps = mesh_lib.padded_batches(images, batch_size, mesh)
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    steps = tqdm.tqdm(steps, desc=f'upscaling {images.shape[1]}px', unit='batch')
-  for i in steps:
-    x = images[i:i + batch].astype(np.float32) / 127.5 - 1.0
-    pad = batch - len(x)
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)]) if pad else x
-    x = jax.device_put(x, mesh_lib.data_sharding(mesh))
-    y = upscale_fn(params, jax.random.fold_in(rng, i), x)
-    out.append(imageio.to_uint8(mesh_lib.gather(y))[:batch - pad])
+    total = -(-len(images) // mesh_lib.device_batch(batch_size, len(images), mesh))
+    steps = tqdm.tqdm(steps, desc=f'upscaling {images.shape[1]}px', unit='batch', total=total)
+  out = []
+  for start, x, count in steps:
+    y = upscale_fn(params, jax.random.fold_in(rng, start), imageio.to_unit(x))
+    out.append(imageio.to_uint8(mesh_lib.gather(y))[:count])
   return np.concatenate(out)
 
 
@@ -225,7 +219,7 @@ class SRExperiment(train.Experiment):
     originals = pool[:min(8, config.train.num_grid_samples, len(pool))]
 
     def write_grid(step, state):
-      params = self.rules.with_ema(state.params, state.ema_params)
+      params = self.rules.of_state(state)
       grid = comparison_grid(config, upscale_fn, params, originals, self.mesh)
       logs.write_image_grid(writer, step, 'sr_bicubic_ema_original', grid)
       if jax.process_index() == 0:
@@ -265,13 +259,12 @@ def split_holdout(images: np.ndarray, holdout: int) -> tuple[np.ndarray, np.ndar
 
 def degrade_uint8(images: np.ndarray, factor: int, method: str) -> np.ndarray:
   """uint8 high-res -> uint8 low-res files' content (what bench_sr.py and the grids feed in)."""
-  x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-  return imageio.to_uint8(low_res(x, factor, method))
+  return imageio.to_uint8(low_res(imageio.to_unit(jnp.asarray(images)), factor, method))
 
 
 def bicubic_uint8(images: np.ndarray, size: int) -> np.ndarray:
   """The baseline: uint8 low-res -> uint8 bicubic at size x size (the model's conditioning)."""
-  return imageio.to_uint8(upsample(jnp.asarray(images, jnp.float32) / 127.5 - 1.0, size))
+  return imageio.to_uint8(upsample(imageio.to_unit(jnp.asarray(images)), size))
 
 
 def comparison_grid(config, upscale_fn, params, originals: np.ndarray, mesh) -> np.ndarray:

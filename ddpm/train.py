@@ -96,19 +96,23 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule
                rules: params_lib.Rules, condition: Callable | None = None):
   """One optimisation step on a uint8 [B, H, W, 3] batch.
 
-  Every random draw is made for the whole batch before the loss, so accumulating
-  gradients over train.grad_accum_steps micro-batches gives the big batch's update.
+  Every random draw is made for the whole batch before the loss, and dropout's masks per
+  example (`optim.value_and_grad`'s `rng`: row i's from fold_in(the layer's key, i)), so
+  accumulating gradients over train.grad_accum_steps micro-batches gives the big batch's
+  update.
   `condition(rng, x0) -> {name: [B, ...]}` makes the model's other keyword inputs from the
   (augmented) batch, e.g. ddpm.sr's noised low-resolution copy and its noise level.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  aug_rng, loss_rng, dropout_rng = jax.random.split(rng, 3)
-  x0 = batch.astype(jnp.float32) / 127.5 - 1.0
+  # Four keys, each used once: the condition's is not derived from a key that was split
+  # (fold_in(rng, 1) is split(rng, n)[1], the loss's key, with JAX's partitionable threefry).
+  aug_rng, loss_rng, dropout_rng, condition_rng = jax.random.split(rng, 4)
+  x0 = imageio.to_unit(batch)
   x0 = augment.augment(aug_rng, x0, config.augment)
   t, eps = diffusion.draw_t_eps(schedule, loss_rng, x0)
-  inputs = {} if condition is None else condition(jax.random.fold_in(rng, 1), x0)
+  inputs = {} if condition is None else condition(condition_rng, x0)
 
-  def loss_fn(params, b):
+  def loss_fn(params, b, dropout_rng):
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     model_fn = lambda xt, t: model.apply({'params': params}, xt, t, train=True,
                                          rngs={'dropout': dropout_rng},
@@ -116,9 +120,10 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, config, model, schedule
     return diffusion.denoising_loss(schedule, model_fn, b['x0'], b['t'], b['eps'],
                                     config.diffusion.prediction, config.diffusion.min_snr_gamma)
 
+  # With rng, every dropout mask is drawn per example (optim.value_and_grad).
   (loss, aux), grads = optim.value_and_grad(loss_fn, state.params, rules,
                                             {'x0': x0, 't': t, 'eps': eps, **inputs},
-                                            config.train.grad_accum_steps)
+                                            config.train.grad_accum_steps, rng=dropout_rng)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return apply_gradients(state, grads, tx, config.train, rules), metrics
 
@@ -192,7 +197,7 @@ class Experiment(experiment.Experiment):
         self, workdir, 'train first with --mode=train and the same --workdir.')
     logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                  int(state.step))
-    return self.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
+    return self.rules.of_state(state, use_ema)
 
   def init_state(self):
     return init_state(self.config, self.model, self.tx, self.rules)
@@ -213,7 +218,7 @@ class Experiment(experiment.Experiment):
                                   config.train.num_grid_samples, config)
 
     def write_grid(step, state):
-      params = self.rules.with_ema(state.params, state.ema_params)
+      params = self.rules.of_state(state)
       x = grid_fn(params, jax.random.PRNGKey(config.seed + 2), grid_noise)
       grid = imageio.make_grid(imageio.to_uint8(mesh_lib.gather(x)))
       logs.write_image_grid(writer, step, 'ema_samples', grid)

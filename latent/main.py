@@ -15,8 +15,11 @@ Both resume from DIR's last checkpoint; any value can be overridden with --confi
 """
 
 from common import errors, launch
-from latent import finetune, sample, train, vae_train
 from latent.configs import finetune_base, ldm_base, sd_pipeline, vae_base
+from latent.finetune import experiment as finetune
+from latent.ldm import sample, train
+from latent.sd import sample as sd_sample
+from latent.vae import train as vae_train
 
 
 def validate(config):
@@ -48,7 +51,7 @@ def train_either(config, workdir):
 
 def sample_ldm(config, workdir):
   if config.stage == 'pipeline':
-    return sample.generate_from_pipeline(config, workdir)
+    return sd_sample.generate(config, workdir)
   if config.stage not in ('ldm', 'finetune'):
     raise errors.ConfigError('--mode=sample needs a stage-2 (ldm) config; a stage-1 run writes its '
                      'reconstructions to WORKDIR/reconstructions while it trains.')

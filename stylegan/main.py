@@ -14,8 +14,8 @@ from stylegan.configs import base as config_lib
 
 
 def _train(config, workdir):
-  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
-  training_loop.train_and_evaluate(config, workdir)
+  from stylegan import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, workdir)
 
 
 def _sample(config, workdir):

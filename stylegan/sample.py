@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 
 from common import experiment, imageio
-from stylegan import training_loop
+from stylegan import generate as generate_lib
+from stylegan import train
 
 
 def sample_images(config: ml_collections.ConfigDict, workdir: str | Path, num_images: int,
@@ -25,12 +26,12 @@ def sample_images(config: ml_collections.ConfigDict, workdir: str | Path, num_im
   s = config.sample
   psi = s.psi if psi is None else psi
   seed = s.seed if seed is None else seed
-  exp = training_loop.Experiment(config)
+  exp = train.Experiment(config)
   exp.validate()
   state = experiment.restore_for_sampling(
       exp, workdir, 'train first with --mode=train and the same --workdir.')
   z = np.random.default_rng(seed).standard_normal((num_images, config.model.z_dim))
-  return training_loop.generate(
+  return generate_lib.generate(
       state.g_ema_params, state.w_avg, config, z.astype(np.float32), psi=psi,
       cutoff=s.truncation_cutoff, noise_mode=s.noise_mode, noise_seed=seed,
       batch_size=s.batch_size)

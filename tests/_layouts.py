@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import checkpoint, data, mesh as mesh_lib  # pylint: disable=wrong-import-position
 from ddpm import train  # pylint: disable=wrong-import-position
-from latent import train as ldm_train  # pylint: disable=wrong-import-position
+from latent.ldm import train as ldm_train  # pylint: disable=wrong-import-position
 from latent.configs import ldm_base  # pylint: disable=wrong-import-position
-from latent.unet import ClassEncoder, ConditionalUNet, LatentDenoiser  # pylint: disable=wrong-import-position
+from latent.ldm.unet import ClassEncoder, ConditionalUNet, LatentDenoiser  # pylint: disable=wrong-import-position
 from test_ddpm_train import tiny_config  # pylint: disable=wrong-import-position
 
 LAYOUTS = {'1 device': (1, 1), 'data=8': (8, 1), 'data=2 fsdp=4': (2, 4), 'fsdp=8': (1, 8)}

@@ -164,7 +164,9 @@ def test_preemption_guard_on_sigterm():
     assert not guard.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.should_stop(2)
-  assert signal.getsignal(signal.SIGTERM) is not guard._handler
+  # `!=`: a bound method is a new object on every access (`is not` could never fail).
+  assert signal.getsignal(signal.SIGTERM) != guard._handler  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGINT) != guard._handler  # pylint: disable=protected-access
 
 
 def test_augmentation():
@@ -220,3 +222,127 @@ def test_exclude_captions_leaves_matching_images_out(tmp_path):
   c.exclude_captions = 'hair'
   with pytest.raises(DataError, match='leaves out every image'):
     data.load_dataset(c)
+
+
+# --- Captions: keyed by path relative to the image folder ------------------------------------
+
+def _captioned_folder(root, files, rows):
+  for i, name in enumerate(files):
+    imageio.save_image(np.full((8, 8, 3), 30 * i, np.uint8), root / name)
+  (root / 'captions.tsv').write_text('file\tcaption\n' + ''.join(f'{f}\t{c}\n' for f, c in rows))
+  c = data.get_config()
+  c.path, c.image_size = str(root), 8
+  return c
+
+
+def test_captions_are_keyed_by_relative_path(tmp_path):
+  """Two files of one name in different subfolders get their own rows' captions."""
+  c = _captioned_folder(tmp_path, ['a/1.png', 'b/1.png', '2.png'],
+                        [('a/1.png', 'red hair'), ('b/1.png', 'blue hair'), ('2.png', 'black hair')])
+  images, captions = data.load_captioned_dataset(c)
+  assert captions == ['black hair', 'red hair', 'blue hair']  # 2.png, a/1.png, b/1.png.
+  assert [int(x) for x in images[:, 0, 0, 0]] == [60, 0, 30]   # Each with its own image.
+  # A table beside the image folder may name the files from its own folder.
+  (tmp_path / 'images').mkdir()
+  for name in ('a', 'b', '2.png'):
+    (tmp_path / name).rename(tmp_path / 'images' / name)
+  (tmp_path / 'captions.tsv').write_text('file\tcaption\nimages/a/1.png\tred hair\n'
+                                         'images/b/1.png\tblue hair\n')
+  c.path = str(tmp_path / 'images')
+  assert data.load_captioned_dataset(c)[1] == ['red hair', 'blue hair']
+
+
+def test_basename_captions_still_work_where_unique(tmp_path):
+  c = _captioned_folder(tmp_path, ['x/1.png', 'y/z/2.png'], [('1.png', 'one'), ('2.png', 'two')])
+  assert data.load_captioned_dataset(c)[1] == ['one', 'two']
+
+
+def test_a_basename_row_shared_by_two_files_is_an_error_naming_both(tmp_path):
+  c = _captioned_folder(tmp_path, ['a/1.png', 'b/1.png', '2.png'],
+                        [('1.png', 'red hair'), ('2.png', 'black hair')])
+  with pytest.raises(DataError) as e:
+    data.load_captioned_dataset(c)
+  assert str(tmp_path / 'a' / '1.png') in str(e.value)
+  assert str(tmp_path / 'b' / '1.png') in str(e.value) and "'1.png'" in str(e.value)
+  # A top-level file of that name does not make the row mean both.
+  c = _captioned_folder(tmp_path / 'top', ['1.png', 'sub/1.png'], [('1.png', 'red hair')])
+  with pytest.raises(DataError, match='sub/1.png'):
+    data.load_captioned_dataset(c)
+  # Rows by relative path: no ambiguity.
+  c = _captioned_folder(tmp_path / 'both', ['1.png', 'sub/1.png'],
+                        [('1.png', 'red hair'), ('sub/1.png', 'blue hair')])
+  assert data.load_captioned_dataset(c)[1] == ['red hair', 'blue hair']
+
+
+# --- The driver: finish only after a completed run ---------------------------------------------
+
+def _counting_experiment(stop_at=None):
+  """A tiny Experiment (a counter state) recording its finish calls; SIGTERM after `stop_at`."""
+  import itertools, os, signal  # pylint: disable=g-import-not-at-top,multiple-imports
+  import flax  # pylint: disable=g-import-not-at-top
+  from common import experiment, loop  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    w: jax.Array
+
+  class Counting(experiment.Experiment):
+    name = 'counter'
+
+    def __init__(self, config):
+      super().__init__(config)
+      self.finished = []
+
+    def init_state(self):
+      return State(step=jnp.zeros((), jnp.int32), w=jnp.zeros((4,)))
+
+    def param_trees(self, state):
+      return {self.name: {'bias': state.w}}  # A name the default params rules match.
+
+    def make_step(self, shardings):
+      step = lambda state, batch: (state.replace(step=state.step + 1, w=state.w + batch),
+                                   {'loss': jnp.mean(state.w)})
+      return loop.jit_step(step, self.mesh, shardings)
+
+    def batches(self, start):
+      return (np.full((4,), s, np.float32) for s in itertools.count(start))
+
+    def hooks(self, writer):
+      kill = lambda step, state: step == stop_at and os.kill(os.getpid(), signal.SIGTERM)
+      return [loop.Hook(1, kill, 'preempting')] if stop_at else []
+
+    def finish(self, state, ckpt, writer, start):
+      self.finished.append(int(state.step))
+      return state
+
+  config = ml_collections.ConfigDict({'train': dict(
+      batch_size=4, num_steps=8, log_every=2, checkpoint_every=4, keep_checkpoints=2,
+      async_checkpoint=False)})
+  return Counting(config)
+
+
+def test_a_preempted_run_writes_its_checkpoint_and_does_not_finish(tmp_path):
+  from common import experiment  # pylint: disable=g-import-not-at-top
+  exp = _counting_experiment(stop_at=3)
+  state = experiment.train_and_evaluate(exp, tmp_path)
+  assert int(state.step) == 4 and exp.finished == []  # SIGTERM in step 3's hooks: saved at 4.
+  assert checkpoint.Checkpointer(tmp_path, 1, read_only=True).latest_step() == 4
+  resumed = _counting_experiment()
+  state = experiment.train_and_evaluate(resumed, tmp_path)
+  assert int(state.step) == 8 and resumed.finished == [8]  # The rerun completes and finishes.
+  np.testing.assert_array_equal(np.asarray(state.w), np.full(4, sum(range(8)), np.float32))
+  # Stopped at the last step: the run is complete, but finish waits for the rerun.
+  last = _counting_experiment(stop_at=8)
+  assert int(experiment.train_and_evaluate(last, tmp_path / 'last').step) == 8
+  assert last.finished == []
+  rerun = _counting_experiment()
+  experiment.train_and_evaluate(rerun, tmp_path / 'last')
+  assert rerun.finished == [8]
+
+
+def test_a_completed_run_finishes(tmp_path):
+  from common import experiment  # pylint: disable=g-import-not-at-top
+  exp = _counting_experiment()
+  assert int(experiment.train_and_evaluate(exp, tmp_path).step) == 8
+  assert exp.finished == [8]

@@ -143,38 +143,155 @@ def test_configs_build_validate_and_import_no_model_code():
 
 
 # --- The names defined in the bases agree with the model code that uses them -----------------
+# Each choice a base offers must do what its name says in the model code, and the model code
+# must offer no name the base leaves out (a registry keyed separately is compared key for key).
 
-def test_ddpm_choice_lists_are_the_model_code_names():
-  from ddpm import diffusion, samplers, schedules  # pylint: disable=g-import-not-at-top
+def test_ddpm_predictions_mean_what_they_say():
+  """Each diffusion.prediction: the model output that is exactly its target has zero loss, and
+  the sampler's conversion of that output gives back x_0 and eps; other names are refused."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm import diffusion, schedules  # pylint: disable=g-import-not-at-top
   from ddpm.configs import default  # pylint: disable=g-import-not-at-top
-  assert diffusion.PREDICTIONS is default.PREDICTIONS
-  assert samplers.SPACINGS is default.SPACINGS
+  s = schedules.make_schedule('cosine', 100)
+  k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+  x0 = jax.random.uniform(k0, (4, 4, 4, 3), minval=-1, maxval=1)
+  eps = jax.random.normal(k1, x0.shape)
+  t = np.array([0, 10, 50, 99])
+  targets = {'eps': eps, 'x0': x0, 'v': diffusion.velocity(s, x0, t, eps)}
+  assert set(targets) == set(default.PREDICTIONS)
+  xt = diffusion.q_sample(s, x0, t, eps)
+  for name, target in targets.items():
+    loss, _ = diffusion.denoising_loss(s, lambda xt, t, y=target: y, x0, t, eps, name)
+    assert float(loss) < 1e-10, name
+    wrong, _ = diffusion.denoising_loss(s, lambda xt, t, y=target: y + 1.0, x0, t, eps, name)
+    assert float(wrong) > 0.5, name
+    got_x0, got_eps = diffusion.to_x0_eps(s, name, target, xt, t)
+    # eps at t = 0 is hard to recover from an x0 target (divided by sqrt(1 - alpha_bar) ~ 0).
+    np.testing.assert_allclose(got_x0, x0, atol=2e-3, err_msg=name)
+    np.testing.assert_allclose(got_eps[1:], eps[1:], atol=2e-3, err_msg=name)
+  for fn in (lambda: diffusion.denoising_loss(s, lambda xt, t: eps, x0, t, eps, 'score'),
+             lambda: diffusion.to_x0_eps(s, 'score', eps, xt, t)):
+    with pytest.raises(ValueError, match='score'):
+      fn()
+
+
+def test_ddpm_spacings_schedules_and_samplers_are_the_model_code_names():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm import samplers, schedules  # pylint: disable=g-import-not-at-top
+  from ddpm.configs import default  # pylint: disable=g-import-not-at-top
   assert tuple(samplers.SAMPLERS) == default.SAMPLERS       # The registries' keys.
   assert tuple(schedules.SCHEDULES) == default.SCHEDULES
+  # Every spacing: S distinct descending timesteps in [0, T); other names refused.
+  for spacing in default.SPACINGS:
+    ts = samplers.timesteps(1000, 10, spacing)
+    assert len(set(ts.tolist())) == 10 and ts[0] > ts[-1] and 0 <= ts.min() and ts.max() < 1000
+  with pytest.raises(ValueError, match='spacing'):
+    samplers.timesteps(1000, 10, 'uniform')
+  # Every schedule: T betas in (0, 1).
+  for name in default.SCHEDULES:
+    betas = np.asarray(schedules.make_schedule(name, 50).betas)
+    assert betas.shape == (50,) and (betas > 0).all() and (betas < 1).all(), name
+  # Every sampler name of the config runs, through the config mapping, from noise to the
+  # data point an oracle (x0-prediction) model points at.
+  config = default.get_config()
+  config.diffusion.prediction, config.sample.num_steps = 'x0', 4
+  s = schedules.make_schedule('cosine', 50)
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 3), minval=-0.9, maxval=0.9)
+  x_T = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  for name in default.SAMPLERS:
+    config.sample.sampler = name
+    options = samplers.options_from_config(config)
+    out = jax.jit(lambda x: samplers.sample(s, lambda xt, t: x0, x, jax.random.PRNGKey(2),
+                                            **options))(x_T)
+    np.testing.assert_allclose(out, x0, atol=2e-3, err_msg=name)
 
 
-def test_latent_choice_lists_and_checks_are_the_model_code_names():
-  from latent import lpips, vae_loss  # pylint: disable=g-import-not-at-top
+def test_latent_vae_choices_and_checks_are_the_model_code_names(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from common import errors  # pylint: disable=g-import-not-at-top
   from latent.configs import vae_base  # pylint: disable=g-import-not-at-top
-  assert vae_loss.REC_LOSSES is vae_base.REC_LOSSES
-  assert vae_loss.DISC_NORMS is vae_base.DISC_NORMS
-  assert vae_loss.discriminator_output_size is vae_base.discriminator_output_size
-  assert vae_loss.check_lpips is vae_base.check_lpips
-  # LPIPS' weights file: the arrays validate asks for are the network's, and the command
-  # its messages give is latent.lpips' own.
+  from latent.vae import loss as vae_loss, lpips  # pylint: disable=g-import-not-at-top
+  # Every reconstruction loss: its sum over pixels, per example.
+  x, recon = jnp.zeros((2, 2, 2, 1)), jnp.full((2, 2, 2, 1), 2.0)
+  expected = {'l1': 8 * 2.0 / 2, 'l2': 8 * 4.0 / 2, 'l1+l2': 8 * 6.0 / 2}  # 8 pixels, 2 examples.
+  assert set(expected) == set(vae_base.REC_LOSSES)
+  for kind, value in expected.items():
+    assert float(vae_loss.reconstruction_loss(x, recon, kind)) == value, kind
+  with pytest.raises(KeyError):
+    vae_loss.reconstruction_loss(x, recon, 'huber')
+  # Every discriminator norm is a different network ('none': no norm layers), and the
+  # config's output-size check is the network's logit map.
+  names = {}
+  for norm in vae_base.DISC_NORMS:
+    for size, layers in ((32, 2), (64, 3), (16, 2)):
+      disc = vae_loss.NLayerDiscriminator(channels=8, num_layers=layers, norm=norm)
+      shapes = jax.eval_shape(disc.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+      out = jax.eval_shape(disc.apply, shapes, jnp.zeros((1, size, size, 3)))
+      side = vae_base.discriminator_output_size(size, layers)
+      assert out.shape == (1, side, side, 1), (norm, size, layers, out.shape)
+    names[norm] = {k for k in shapes['params'] if k.startswith('norm_')}
+  assert names['none'] == set() and names['group'], names
+  # LPIPS: the arrays validate asks for are the network's; a file with them passes the
+  # config check and loads, one without one of them fails both.
   assert set(vae_base.LPIPS_KEYS) == set(lpips.param_shapes())
-  for out in ('lpips_vgg.npz', '/tmp/x.npz'):
-    assert vae_base.lpips_convert_command(out) == lpips.convert_command(out)
+  good = tmp_path / 'lpips.npz'
+  np.savez(good, **{k: np.zeros(shape, np.float32) for k, shape in lpips.param_shapes().items()})
+  vae_base.check_lpips(1.0, str(good))
+  lpips.load_params(good)
+  bad = tmp_path / 'bad.npz'
+  np.savez(bad, **{k: np.zeros(shape, np.float32)
+                   for k, shape in list(lpips.param_shapes().items())[1:]})
+  with pytest.raises(errors.ConfigError, match='lacks'):
+    vae_base.check_lpips(1.0, str(bad))
+  with pytest.raises(errors.DataError, match='missing'):
+    lpips.load_params(bad)
+  # The command every message gives is the converter's own command line.
+  command = vae_base.lpips_convert_command(str(tmp_path / 'made.npz')).split(' (')[0].split()
+  assert command[:3] == ['python', '-m', 'latent.lpips']
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  assert importlib.util.find_spec('latent.lpips') is not None
+  converted = {}
+  monkeypatch.setattr(lpips, 'convert', lambda vgg, lin: converted.update(vgg=vgg, lin=lin)
+                      or {'a': np.zeros(1, np.float32)})
+  lpips.main(command[3:])
+  assert converted == {'vgg': 'vgg16-397923af.pth', 'lin': 'vgg.pth'}
+  assert (tmp_path / 'made.npz').is_file()
 
 
 def test_stylegan_choice_lists_are_the_model_code_names():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from stylegan import augment, networks  # pylint: disable=g-import-not-at-top
   from stylegan.configs import base  # pylint: disable=g-import-not-at-top
-  assert networks.NOISE_MODES is base.NOISE_MODES
-  assert augment.parse_policy is base.parse_policy
   assert tuple(augment._OPS) == base.AUGMENTATIONS  # pylint: disable=protected-access
-
-
+  # Every augmentation changes images; the policy parser refuses other names.
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3), minval=-1, maxval=1)
+  for name in base.AUGMENTATIONS:
+    assert not np.allclose(augment.augment(jax.random.PRNGKey(1), x, (name,), 1.0), x), name
+  with pytest.raises(ValueError, match='zoom'):
+    augment.augment(jax.random.PRNGKey(1), x, ('zoom',), 1.0)
+  # Noise modes: 'random' draws per call, 'const' is one fixed noise, 'none' adds nothing.
+  net = networks.SynthesisNetwork(resolution=32, channel_base=64, channel_max=8)
+  ws = jax.random.normal(jax.random.PRNGKey(2), (2, networks.num_ws_for(32), 8))
+  params = net.init({'params': jax.random.PRNGKey(3), 'noise': jax.random.PRNGKey(4)}, ws)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.ones_like(v) if 'noise_strength' in jax.tree_util.keystr(path) else v,
+      params)
+  run = lambda mode, seed: np.asarray(net.apply(params, ws, mode,
+                                                rngs={'noise': jax.random.PRNGKey(seed)}))
+  out = {mode: (run(mode, 5), run(mode, 6)) for mode in base.NOISE_MODES}
+  assert set(out) == {'random', 'const', 'none'}
+  assert not np.allclose(*out['random'])
+  np.testing.assert_array_equal(*out['const'])
+  np.testing.assert_array_equal(*out['none'])
+  assert not np.allclose(out['const'][0], out['none'][0])
+  with pytest.raises(ValueError, match='noise_mode'):
+    run('fixed', 5)
 
 
 def test_from_file_applies_overrides_as_literals():

@@ -273,12 +273,26 @@ def _diffusers_scheduler(name, karras, spacing, prediction):
   return cls(**kw, timestep_spacing=spacing)
 
 
+def _feed_our_noise(ref, rng, steps, shape, monkeypatch):
+  """Makes diffusers' ancestral step draw our loop's per-step noise: each step splits the
+  carried key into (key, noise_key, inject_key) and draws N(0, I) from noise_key."""
+  noises, key = [], rng
+  for _ in range(steps):
+    key, noise_key, _ = jax.random.split(key, 3)
+    noises.append(torch.from_numpy(np.asarray(jax.random.normal(noise_key, shape))))
+  module = sys.modules[type(ref).__module__]
+  monkeypatch.setattr(module, 'randn_tensor', lambda *a, **k: noises.pop(0))
+  return noises
+
+
 @pytest.mark.parametrize('name,karras,spacing,prediction,steps', [
     ('euler', False, 'linspace', 'eps', 20),
     ('euler', True, 'leading', 'v', 12),
     ('heun', False, 'trailing', 'eps', 10),
     ('heun', True, 'linspace', 'eps', 8),
     ('euler_ancestral', False, 'leading', 'eps', 15),
+    ('euler_ancestral', False, 'linspace', 'v', 20),
+    ('euler_ancestral', False, 'trailing', 'eps', 10),
     ('dpmpp_2m_karras', False, 'linspace', 'eps', 20),
     ('dpmpp_2m_karras', False, 'linspace', 'v', 12),
 ])
@@ -289,18 +303,14 @@ def test_sigma_samplers_match_diffusers_trajectories(name, karras, spacing, pred
   ref.set_timesteps(steps)
   x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (16, 4)), np.float32)
   rng = jax.random.PRNGKey(5)
-  if name == 'euler_ancestral':  # Our per-step noise, fed to diffusers' step.
-    noises, key = [], rng
-    for _ in range(steps):
-      key, noise_key = jax.random.split(key)
-      noises.append(torch.from_numpy(np.asarray(jax.random.normal(noise_key, x_T.shape))))
-    module = sys.modules[type(ref).__module__]
-    monkeypatch.setattr(module, 'randn_tensor', lambda *a, **k: noises.pop(0))
+  noises = (_feed_our_noise(ref, rng, steps, x_T.shape, monkeypatch)
+            if name == 'euler_ancestral' else [])
   x = torch.from_numpy(x_T) * ref.init_noise_sigma
   for t in ref.timesteps:
     inp = ref.scale_model_input(x, t)
     out = _toy_model(jnp.asarray(inp.numpy()), jnp.full((len(x_T),), float(t)))
     x = ref.step(torch.from_numpy(np.asarray(out)), t, x).prev_sample
+  assert not noises  # One draw per step, all of them used.
   ours = samplers.sample(s, _toy_model, jnp.asarray(x_T), rng, sampler=name, num_steps=steps,
                          spacing=spacing, prediction=prediction, karras=karras,
                          clip_x0=False)  # diffusers' schedulers do not clip (SD's latents).
@@ -314,22 +324,64 @@ def test_sd_samplers_reach_the_data_distribution():
   exact = gaussian_eps_fn(s)
   # The sigma samplers call the model at fractional timesteps; the closed form is tabulated.
   model_fn = lambda x, t: exact(x, jnp.round(t).astype(jnp.int32))
-  # Ancestral sampling's discretisation error shrinks the spread at few steps (std 0.43 at
-  # 30 steps, 0.47 at 100, 0.48 at 300; DDIM with eta=1 does the same).
-  for name, steps in (('euler', 30), ('heun', 30), ('dpmpp_2m_karras', 30), ('unipc', 20),
-                      ('euler_ancestral', 100)):
+  # (Euler ancestral: test_euler_ancestral_samples_have_their_exact_distribution.)
+  for name, steps in (('euler', 30), ('heun', 30), ('dpmpp_2m_karras', 30), ('unipc', 20)):
     out = np.asarray(jax.jit(lambda x, name=name, steps=steps: samplers.sample(
         s, model_fn, x, jax.random.PRNGKey(1), sampler=name, num_steps=steps,
         clip_x0=False))(x_T), np.float64)
     assert abs(out.mean() - MU) < 0.05 and abs(out.std() - SD) < 0.05, (name, out.mean(), out.std())
 
 
+def _euler_ancestral_gaussian(sigmas, init):
+  """(mean, std) of Euler ancestral's samples for x_0 ~ N(MU, SD^2) with the exact denoiser
+  D(x, s) = MU + SD^2 / (SD^2 + s^2) (x - MU), in float64 from the sigma table alone: each step
+  x' = x + (s_down - s) (x - D) / s + s_up z, with k-diffusion's s_up = sqrt(s'^2 (s^2 - s'^2) /
+  s^2) and s_down = sqrt(s'^2 - s_up^2), is linear in x plus Gaussian noise, so the samples are
+  exactly Gaussian with these moments."""
+  m, v = -MU, init**2  # Of x - MU; x starts as init * N(0, I).
+  for a, b in zip(sigmas[:-1], sigmas[1:]):
+    up = np.sqrt(b**2 * (a**2 - b**2) / a**2)
+    gain = 1 + (np.sqrt(b**2 - up**2) - a) * a / (SD**2 + a**2)
+    m, v = gain * m, gain**2 * v + up**2
+  return MU + m, np.sqrt(v)
+
+
+@pytest.mark.parametrize('steps', [30, 100])
+def test_euler_ancestral_samples_have_their_exact_distribution(steps):
+  """Euler ancestral's first-order error shrinks the spread (std 0.431 at 30 steps, 0.471 at
+  100, 0.488 at 300 for SD = 0.5): a correct sampler gives exactly that, so its samples' moments
+  must match _euler_ancestral_gaussian on diffusers' sigma table to within 4 standard errors
+  (about 0.01 on the std). Without the noise term the std is 0.02 at 100 steps, with
+  s_down = s' 1.31. (An error that only changes how much noise each step swaps, e.g. s_up
+  scaled by 0.9, gives nearly the same moments: the trajectory parity catches those.)"""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  s = schedules.make_schedule('scaled_linear', T)
+  ref = diffusers.EulerAncestralDiscreteScheduler(
+      num_train_timesteps=T, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
+      timestep_spacing='leading')
+  ref.set_timesteps(steps)
+  mean, std = _euler_ancestral_gaussian(ref.sigmas.numpy().astype(np.float64),
+                                        float(ref.init_noise_sigma))
+  x_T = jax.random.normal(jax.random.PRNGKey(3), (4096, 4))
+  # 'leading' timesteps are integers: the tabulated closed form is the exact denoiser there.
+  exact = gaussian_eps_fn(s)
+  model_fn = lambda x, t: exact(x, jnp.round(t).astype(jnp.int32))
+  out = np.asarray(jax.jit(lambda x: samplers.sample(
+      s, model_fn, x, jax.random.PRNGKey(1), sampler='euler_ancestral',
+      num_steps=steps, spacing='leading', clip_x0=False))(x_T), np.float64)
+  se = std / np.sqrt(out.size)  # Of the mean; the std's is se / sqrt(2).
+  assert abs(out.mean() - mean) < 4 * se, (out.mean(), mean)
+  assert abs(out.std() - std) < 4 * se / np.sqrt(2), (out.std(), std)
+
+
 
 @pytest.mark.parametrize('name,strength,inpaint', [
     ('euler', 0.6, False), ('heun', 0.7, True), ('dpmpp_2m_karras', 0.5, True),
     ('euler', 1.0, True), ('ddim', 0.6, True), ('unipc', 0.7, True),
+    ('euler_ancestral', 0.6, True),
 ])
-def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength, inpaint):
+def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength, inpaint,
+                                                                  monkeypatch):
   """The loops of diffusers' img2img and inpainting pipelines (4-channel U-Net), written out
   here around diffusers' own schedulers (the pipelines themselves: test_latent_pipeline): start
   int(S * strength) steps from the end at the picture noised with the initial noise
@@ -352,6 +404,8 @@ def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength,
   keep = (np.arange(4) < 2).astype(np.float32)[None].repeat(n, 0)  # Keep 2 of 4 "pixels".
   tt = lambda a: torch.from_numpy(np.array(a))
   first = steps - min(int(steps * strength), steps)
+  noises = (_feed_our_noise(ref, jax.random.PRNGKey(0), steps - first, (n, 4), monkeypatch)
+            if name == 'euler_ancestral' else [])
   timesteps = ref.timesteps[first * ref.order:]
   if hasattr(ref, 'set_begin_index'):
     ref.set_begin_index(first * ref.order)
@@ -368,6 +422,7 @@ def test_image_to_image_and_inpainting_match_diffusers_pipelines(name, strength,
       if i < len(timesteps) - 1:
         known = ref.add_noise(known, tt(x_T), timesteps[i + 1:i + 2])
       x = tt(keep) * known + (1 - tt(keep)) * x
+  assert not noises
   ours = samplers.sample(
       s, _toy_model, jnp.asarray(x_T), jax.random.PRNGKey(0), sampler=name, num_steps=steps,
       spacing='leading', clip_x0=False, init_x0=jnp.asarray(init) if strength < 1 else None,

@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import errors, imageio
+from common import data, errors, imageio
 from common.logs import read_scalars
 from ddpm import main as ddpm_main, schedules, sr
 from ddpm.configs import sr_base
 
 REPO = Path(__file__).resolve().parents[1]
+# Mean |box_down(upscaled) - input| in uint8 levels that the tiny trained model meets: over 16
+# held-out digits, measured 22-38 (bicubic: 6-11; the model's samples are still grainy after
+# 80 steps), against at least 56 for a flat image of the input's mean colour and 73 for noise.
+TOLERANCE = 45.0
 
 
 def tiny_config():
@@ -167,6 +171,24 @@ def test_config_checks_name_the_key():
     sr_base.validate(bad)
 
 
+def test_sample_mode_keys_are_not_sr_keys():
+  """--mode=upscale upscales every input and draws no figure: ddpm's sample.num_images and
+  sample.progressive (--mode=sample's) are no keys of an SR config, and setting one is an
+  unknown-key error naming it, as any mistyped key."""
+  from common import launch  # pylint: disable=g-import-not-at-top
+  from ddpm.configs import sr_anime  # pylint: disable=g-import-not-at-top
+  for config in (tiny_config(), sr_anime.get_config()):
+    assert 'num_images' not in config.sample and 'progressive' not in config.sample
+    sr_base.validate(config)
+  for key, value in (('num_images', 5), ('progressive', True)):
+    bad = tiny_config()
+    bad.sample[key] = value
+    with pytest.raises(errors.UnknownKeyError, match=f"'config.sample.{key}'"):
+      sr_base.validate(bad)
+    assert launch.unknown_override(sr_anime.get_config(), [f'sample.{key}']).startswith(
+        f'unknown config key sample.{key}')
+
+
 # --- Training and --mode=upscale on a tiny trained workdir ------------------------------------
 
 def test_loss_falls(trained):
@@ -177,13 +199,19 @@ def test_loss_falls(trained):
   assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
 
 
-def _low_res_folder(folder: Path) -> dict[str, tuple[int, int]]:
-  """8x8 (x2) and 4x4 (x4) inputs, one in a subfolder: {relative path: size}."""
-  rng = np.random.default_rng(0)
+def _low_res_folder(folder: Path) -> dict[str, int]:
+  """Held-out digits box-downsampled to 8x8 (x2) and 4x4 (x4), one in a subfolder (a JPEG):
+  {relative path: side}."""
+  digits = data.load_dataset(tiny_config().data)[-3:]  # In sr.holdout: never trained on.
   files = {'a.png': 8, 'sub/b.jpg': 4, 'c.png': 8}
-  for name, side in files.items():
-    imageio.save_image(rng.integers(0, 255, (side, side, 3), np.uint8), folder / name)
+  for (name, side), image in zip(files.items(), digits):
+    imageio.save_image(sr.degrade_uint8(image[None], 16 // side, 'box')[0], folder / name)
   return files
+
+
+def box_down(image: np.ndarray, factor: int) -> np.ndarray:
+  h, w, c = image.shape
+  return image.astype(np.float32).reshape(h // factor, factor, w // factor, factor, c).mean((1, 3))
 
 
 def test_upscale_writes_one_image_per_input_under_its_name(trained, tmp_path):
@@ -197,9 +225,18 @@ def test_upscale_writes_one_image_per_input_under_its_name(trained, tmp_path):
   assert out == workdir / 'upscaled'
   written = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())
   assert written == sorted(files)
-  for name in files:
+  rng = np.random.default_rng(0)
+  for name, side in files.items():
     with Image.open(out / name) as im:
       assert im.size == (16, 16) and im.mode == 'RGB'
+    # Each output upscales its own input: box-downsampled back it is the input within
+    # TOLERANCE, where noise or a flat image of the input's mean colour is not.
+    low = imageio.read_image(inputs / name).astype(np.float32)
+    error = lambda y: float(np.abs(box_down(y, 16 // side) - low).mean())
+    ours = error(imageio.read_image(out / name))
+    assert ours < TOLERANCE, (name, ours)
+    assert error(rng.integers(0, 256, (16, 16, 3))) > TOLERANCE
+    assert error(np.full((16, 16, 3), low.mean((0, 1)))) > TOLERANCE
   assert before == {p: p.read_bytes() for p in inputs.rglob('*') if p.is_file()}  # Untouched.
   # Never into the input folder.
   config.sample.output_dir = str(inputs / 'up')
@@ -236,6 +273,13 @@ def test_bad_inputs_are_one_error_line_with_status_2(trained, tmp_path):
        '--mode=upscale', f'--config.sample.input={folder}'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONPATH=str(REPO))) for folder in cases}
+  # ddpm's --mode=sample keys are not SR keys: setting one is the usual unknown-key error.
+  cases['sample.num_images'] = 'error: unknown config key sample.num_images'
+  procs['sample.num_images'] = subprocess.Popen(
+      [sys.executable, '-m', 'ddpm.main', f'--config={config_file}', f'--workdir={workdir}',
+       '--mode=upscale', f'--config.sample.input={unreadable}', '--config.sample.num_images=5'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
   for folder, expected in cases.items():
     stdout, stderr = procs[folder].communicate(timeout=120)
     assert 'Traceback' not in stdout + stderr, stderr

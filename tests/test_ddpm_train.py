@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import checkpoint, imageio
+from common import checkpoint, data, imageio
 from common.logs import read_scalars
-from ddpm import sample, train
+from ddpm import samplers, sample, train
 from ddpm.configs import default
 from conftest import shared_path
 
@@ -114,15 +114,47 @@ def test_sampling_writes_numbered_images(trained, tmp_path):
   assert (tmp_path / 'out_grid.png').exists() and (tmp_path / 'out_progressive.png').exists()
 
 
-def test_ddpm_sampler_runs_all_steps(trained, tmp_path):
+def _roughness(images: np.ndarray) -> float:
+  """Mean absolute difference of horizontally neighbouring pixels (uint8 levels)."""
+  return float(np.abs(np.diff(images.astype(np.float32), axis=2)).mean())
+
+
+def test_ddpm_sampler_runs_all_steps(trained, tmp_path, monkeypatch):
+  """sample.sampler='ddpm' evaluates the model at every one of the T timesteps, T-1 down to
+  0, and writes images that are the trained model's: distinct per seed and per image, and
+  as smooth as the data rather than noise."""
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()
   config.sample.sampler = 'ddpm'
   config.sample.num_images = 2
   config.sample.progressive = False
-  config.sample.output_dir = str(tmp_path / 'out')
-  sample.generate(config, workdir)
-  assert imageio.load_images(tmp_path / 'out')[0].shape == (2, 16, 16, 3)
+  seen = []
+  real = samplers.sample
+
+  def recording(schedule, model_fn, x_T, rng, **kwargs):
+    def model(x, t):
+      jax.debug.callback(lambda t: seen.append(np.asarray(t)), t)
+      return model_fn(x, t)
+    return real(schedule, model, x_T, rng, **kwargs)
+
+  monkeypatch.setattr(samplers, 'sample', recording)  # What train.make_sample_fn calls.
+  written = {}
+  for seed in (1, 2):
+    config.sample.seed = seed
+    config.sample.output_dir = str(tmp_path / f'seed{seed}')
+    written[seed] = imageio.load_images(sample.generate(config, workdir))[0]
+  T = config.diffusion.num_timesteps
+  assert all(len(set(t.tolist())) == 1 for t in seen)  # One timestep per call for the batch.
+  assert sorted(int(t[0]) for t in seen) == sorted(list(range(T)) * 2)  # Each once per run.
+  a, b = written[1], written[2]
+  assert a.shape == b.shape == (2, 16, 16, 3)
+  assert np.abs(a.astype(int) - b).mean() > 10       # Another seed, other images.
+  assert np.abs(a[0].astype(int) - a[1]).mean() > 10  # Two noises, two images.
+  data_images = data.load_dataset(config.data)[:64]
+  noise = imageio.to_uint8(np.random.default_rng(0).normal(size=a.shape))
+  for x in (a, b):
+    assert _roughness(x) < 0.5 * _roughness(noise), (_roughness(x), _roughness(data_images))
+    assert x.std() > 10  # Not one flat colour either.
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(trained):
@@ -133,6 +165,32 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained):
   before = model.apply({'params': state.ema_params}, x, t)
   after = model.apply({'params': params}, x, t)
   np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_the_condition_draws_independently_of_the_loss():
+  """train_step's `condition(rng, x0)` gets a key used for nothing else. A probe model that
+  predicts the condition's normal draw, made from the key it is given as draw_t_eps makes
+  eps, has a loss of about 2 (two independent N(0, 1) draws), not 0 (one draw twice)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from common import params as params_lib  # pylint: disable=g-import-not-at-top
+  from ddpm import diffusion  # pylint: disable=g-import-not-at-top
+
+  class Probe(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, train=False, probe=None):
+      return probe + self.param('w', nn.initializers.zeros, ())
+
+  config = tiny_config()  # prediction='eps', min_snr_gamma=0: loss = mean((probe - eps)^2).
+  schedule, rules = train.build_schedule(config), params_lib.Rules()
+  tx = train.make_optimizer(config, rules)
+  state = train.new_state({'w': jnp.zeros(())}, tx, rules, jax.random.PRNGKey(0))
+  condition = lambda rng, x0: {'probe': diffusion.draw_t_eps(schedule, rng, x0)[1]}
+  step = jax.jit(functools.partial(train.train_step, config=config, model=Probe(),
+                                   schedule=schedule, tx=tx, rules=rules, condition=condition))
+  for i in range(3):
+    state, metrics = step(state, jnp.zeros((16, 16, 16, 3), jnp.uint8))
+    assert 1.8 < float(metrics['loss']) < 2.2, (i, float(metrics['loss']))
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import errors
-from latent import clip
+from latent.sd import clip
 
 
 def tiny_text_encoder(folder, act):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ddpm import convert
-from latent import attention, conditions, guidance, text, unet
+from latent.ldm import attention, conditions, guidance, text, unet
 
 
 def test_cross_attention_matches_float64_softmax_formula():
@@ -41,7 +41,7 @@ def test_cross_attention_matches_float64_softmax_formula():
 
 def _diffusers_pair(cross_dim=12):
   """A tiny diffusers UNet2DConditionModel and our ConditionalUNet of the same shape."""
-  diffusers = pytest.importorskip('diffusers')
+  import diffusers  # pylint: disable=g-import-not-at-top
   ours = unet.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
                               block_out_channels=(16, 32), layers_per_block=1,
                               attention_resolutions=(8,), head_dim=8, norm_groups=8)
@@ -55,7 +55,7 @@ def _diffusers_pair(cross_dim=12):
 
 def _sd1_pair():
   """SD 1.x's layout: 1x1-conv projections and the same number of heads at every level."""
-  diffusers = pytest.importorskip('diffusers')
+  import diffusers  # pylint: disable=g-import-not-at-top
   ours = unet.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
                               block_out_channels=(16, 32), layers_per_block=1,
                               attention_resolutions=(8,), num_heads=2, norm_groups=8,
@@ -71,7 +71,7 @@ def _sd1_pair():
 
 @pytest.mark.parametrize('pair', [_diffusers_pair, _sd1_pair], ids=['linear_proj', 'sd1_conv_proj'])
 def test_conditional_unet_matches_diffusers_unet2dcondition(pair):
-  torch = pytest.importorskip('torch')
+  import torch  # pylint: disable=g-import-not-at-top
   ours, theirs = pair()
   with torch.no_grad():  # Random everything (proj_out is zero-initialised in diffusers).
     for p in theirs.parameters():
@@ -175,3 +175,21 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   for scale, want in ((1.0, cond), (0.0, uncond), (3.0, uncond + 3.0 * (cond - uncond))):
     got = guidance.guided_model_fn(apply, context, mask, null, mask, scale)(z, t)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_class_names_are_checked_for_class_models_only():
+  """A text LDM needs no class names; a class LDM needs distinct, non-empty ones."""
+  from latent.configs import ldm_base  # pylint: disable=g-import-not-at-top
+  config = ldm_base.get_config()
+  config.vae_workdir = '/some/vae'
+  config.conditioning.kind = 'text'
+  config.conditioning.class_names = ()
+  ldm_base.validate(config)
+  config.conditioning.kind = 'class'
+  with pytest.raises(ValueError, match='conditioning.class_names must be distinct and non-empty'):
+    ldm_base.validate(config)
+  config.conditioning.class_names = ('red', 'red')
+  with pytest.raises(ValueError, match='conditioning.class_names must be distinct'):
+    ldm_base.validate(config)
+  config.conditioning.class_names = ('red', 'blue')
+  ldm_base.validate(config)

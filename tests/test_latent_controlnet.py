@@ -12,7 +12,8 @@ import pytest
 
 from common import errors
 from ddpm import convert
-from latent import controlnet, unet
+from latent.controlnet import maps, model as controlnet
+from latent.ldm import unet
 from test_latent_conditioning import _diffusers_pair
 from test_latent_pipeline import sd_folder  # noqa: F401  (a fixture)
 
@@ -22,8 +23,8 @@ EMBEDDING = (8, 16)  # One stride-2 stage: 16x16 control images for 8x8 latents.
 def _pair():
   """Our ConditionalUNet, diffusers' UNet2DConditionModel of the same shape, and its
   ControlNetModel.from_unet with random weights everywhere."""
-  torch = pytest.importorskip('torch')
-  diffusers = pytest.importorskip('diffusers')
+  import torch  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
   ours, theirs = _diffusers_pair()
   theirs_cn = diffusers.ControlNetModel.from_unet(
       theirs, conditioning_embedding_out_channels=EMBEDDING)
@@ -74,7 +75,7 @@ def test_controlnet_matches_diffusers_controlnetmodel(guess_mode):
 
 
 def test_controlnet_folder_round_trip_and_a_foreign_base(tmp_path):
-  diffusers = pytest.importorskip('diffusers')
+  import diffusers  # pylint: disable=g-import-not-at-top
   ours_unet, _, theirs = _pair()
   theirs.save_pretrained(tmp_path / 'theirs')
   cn, params = controlnet.load(tmp_path / 'theirs', ours_unet, context_width=12)
@@ -132,18 +133,18 @@ def test_fresh_controlnet_leaves_the_base_exactly_and_scale_zero_too():
 def test_control_maps():
   picture = np.zeros((1, 64, 64, 3), np.uint8)
   picture[:, 16:48, 16:48] = 255  # A white square: edges on its border only.
-  edges = controlnet.control_maps(picture, 'canny')
+  edges = maps.control_maps(picture, 'canny')
   assert edges.shape == picture.shape and edges.dtype == np.uint8
   assert set(np.unique(edges)) == {0, 255}
   ys, xs = np.nonzero(edges[0, ..., 0])
   assert ys.min() >= 14 and ys.max() <= 49 and xs.min() >= 14 and xs.max() <= 49
   assert not edges[0, 20:44, 20:44].any()  # Nothing inside, nothing outside.
-  scribble = controlnet.control_maps(picture, 'scribble', thickness=2)
+  scribble = maps.control_maps(picture, 'scribble', thickness=2)
   assert set(np.unique(scribble)) == {0, 255}
   assert (scribble > 0).sum() > 2 * (edges > 0).sum()  # Bold strokes over the same outline.
   assert not scribble[0, 24:40, 24:40].any()
   with pytest.raises(ValueError, match='detector'):
-    controlnet.control_maps(picture, 'hed')
+    maps.control_maps(picture, 'hed')
 
 
 def _f1_float64(edges, reference, tolerance):
@@ -172,9 +173,9 @@ def test_edge_f1_matches_brute_force(tolerance):
   reference = np.roll(edges, 1, axis=2) | (rng.uniform(size=(6, 24, 24)) < 0.03)
   edges[4], reference[5] = False, False  # An empty map on either side.
   edges[3], reference[3] = False, False  # Both empty: perfect agreement.
-  np.testing.assert_allclose(controlnet.edge_f1(edges, reference, tolerance),
+  np.testing.assert_allclose(maps.edge_f1(edges, reference, tolerance),
                              _f1_float64(edges, reference, tolerance), atol=1e-12)
-  assert controlnet.edge_f1(edges[:3], edges[:3], tolerance).tolist() == [1.0] * 3
+  assert maps.edge_f1(edges[:3], edges[:3], tolerance).tolist() == [1.0] * 3
 
 
 @pytest.mark.parametrize('guess_mode', [False, pytest.param(True, marks=pytest.mark.slow)],
@@ -182,9 +183,9 @@ def test_edge_f1_matches_brute_force(tolerance):
 def test_sd_pipeline_with_a_controlnet_matches_diffusers(sd_folder, tmp_path, guess_mode):
   """Our SD sampling steered by a diffusers ControlNetModel folder, against diffusers'
   StableDiffusionControlNetPipeline: the same images within uint8 rounding."""
-  torch = pytest.importorskip('torch')
-  diffusers = pytest.importorskip('diffusers')
-  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from latent.sd import pipeline  # pylint: disable=g-import-not-at-top
   from test_latent_pipeline import _images  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
   theirs = diffusers.ControlNetModel.from_unet(reference.unet,
@@ -198,7 +199,7 @@ def test_sd_pipeline_with_a_controlnet_matches_diffusers(sd_folder, tmp_path, gu
   cn = controlnet.load(tmp_path / 'cn', ours.unet, ours.unet_params, 32)
   pictures = np.zeros((2, 16, 16, 3), np.uint8)
   pictures[0, 4:12, 4:12], pictures[1, 2:9, 6:15] = 255, 200
-  maps = controlnet.control_maps(pictures, 'canny')
+  control = maps.control_maps(pictures, 'canny')
   latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
   prompts = ['red hair', 'hair']
   pipe = diffusers.StableDiffusionControlNetPipeline(
@@ -206,14 +207,14 @@ def test_sd_pipeline_with_a_controlnet_matches_diffusers(sd_folder, tmp_path, gu
       controlnet=theirs.eval())
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with torch.no_grad():
-    want = pipe(prompts, negative_prompt=['red'] * 2, image=[Image.fromarray(m) for m in maps],
+    want = pipe(prompts, negative_prompt=['red'] * 2, image=[Image.fromarray(m) for m in control],
                 num_inference_steps=6, guidance_scale=3.0, controlnet_conditioning_scale=0.8,
                 guess_mode=guess_mode, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
                 output_type='np').images
   want = _images(want.astype(np.float32))
   got = pipeline.generate(ours, prompts, negative_prompt='red', guidance_scale=3.0,
                           latents=latents, sampler='ddim', num_steps=6, controlnet=cn,
-                          guess_mode=guess_mode, control=controlnet.as_input(maps),
+                          guess_mode=guess_mode, control=controlnet.as_input(control),
                           control_scale=0.8)
   assert np.abs(got.astype(np.int32) - want).max() <= 1
   plain = pipeline.generate(ours, prompts, negative_prompt='red', guidance_scale=3.0,
@@ -226,7 +227,7 @@ def test_sd_pipeline_with_a_controlnet_matches_diffusers(sd_folder, tmp_path, gu
   import sys  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
   from common import imageio  # pylint: disable=g-import-not-at-top
-  for i, m in enumerate(maps):
+  for i, m in enumerate(control):
     imageio.save_image(m, tmp_path / 'maps' / f'{i}.png')
   command = [sys.executable, '-m', 'latent.main', '--config=latent/configs/sd_pipeline.py',
              f'--workdir={tmp_path / "run"}', '--mode=sample', f'--config.pipeline={folder}',

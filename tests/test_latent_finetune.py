@@ -8,6 +8,7 @@ pipeline (checked against diffusers' loader) and the errors run by default.
 """
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,12 @@ from sklearn.datasets import load_digits
 
 from common import errors, imageio, lora
 from common.logs import read_scalars
-from latent import embeddings, finetune, hypernetwork, sample, train
+from common import atomic
+from latent.finetune import artefacts, dreambooth, embeddings, hypernetwork
+from latent.finetune import base as base_lib
+from latent.finetune import experiment as finetune
+from latent.ldm import sample, sampler, train
+from latent.sd import sample as sd_sample
 from latent.configs import (controlnet_anime, finetune_dreambooth, finetune_hypernetwork,
                             finetune_lora, finetune_textual_inversion)
 from test_latent_ldm import tiny_ldm_config, tiny_vae_config
@@ -31,7 +37,7 @@ METHOD_CONFIGS = {'lora': finetune_lora, 'dreambooth': finetune_dreambooth,
 
 @pytest.fixture(scope='module')
 def base(tmp_path_factory):
-  from latent import vae_train  # pylint: disable=g-import-not-at-top
+  from latent.vae import train as vae_train  # pylint: disable=g-import-not-at-top
   vae_dir = tmp_path_factory.mktemp('vae')
   vae_train.train_and_evaluate(tiny_vae_config(), str(vae_dir))
   workdir = tmp_path_factory.mktemp('base')
@@ -117,7 +123,7 @@ def base_params(base):
   exp = finetune.Experiment(config)
   exp.validate()
   exp.mesh = finetune.mesh_lib.make_mesh(None)
-  return finetune.restore_base(exp.base_config, str(base), exp.stage1, exp.mesh)
+  return base_lib.restore_base(exp.base_config, str(base), exp.stage1, exp.mesh)
 
 
 def sample_images(config, workdir, out):
@@ -199,14 +205,14 @@ def test_hypernetwork_starts_as_a_no_op_trains_alone_and_samples_at_a_strength(
       ml_collections.ConfigDict(json.loads((base / 'config.json').read_text())), base)
   u = model.unet
   z = jax.random.normal(jax.random.PRNGKey(0), (2, u.sample_size, u.sample_size, u.in_channels))
-  ctx, mask, _, _ = train.condition(model, params0, jnp.asarray(conds0.prompt_ids(['digit one'] * 2)))
+  ctx, mask, _, _ = sampler.condition(model, params0, jnp.asarray(conds0.prompt_ids(['digit one'] * 2)))
   t = jnp.array([10, 60])
   hyper = {**params0, hypernetwork.KEY: hypernetwork.init(jax.random.PRNGKey(1), 32)}
-  assert np.array_equal(train.denoise(model, params0, z, t, ctx, mask),
-                        train.denoise(model, hyper, z, t, ctx, mask))
+  assert np.array_equal(sampler.denoise(model, params0, z, t, ctx, mask),
+                        sampler.denoise(model, hyper, z, t, ctx, mask))
   trained = {**params0, hypernetwork.KEY: jax.tree.map(lambda a: a + 0.05, hyper['hypernetwork'])}
-  assert not np.allclose(train.denoise(model, params0, z, t, ctx, mask),
-                         train.denoise(model, trained, z, t, ctx, mask), atol=1e-3)
+  assert not np.allclose(sampler.denoise(model, params0, z, t, ctx, mask),
+                         sampler.denoise(model, trained, z, t, ctx, mask), atol=1e-3)
 
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
   assert changed(params0, state.params) == []
@@ -235,7 +241,7 @@ def test_dreambooth_with_prior_preservation_caches_class_images_and_freezes_the_
   params0, _ = base_params(base)
   moved = changed(params0, state.params)
   assert moved and all(k.startswith("['unet']") for k in moved)
-  folder = tmp_path / 'ft' / finetune.CLASS_IMAGES
+  folder = tmp_path / 'ft' / dreambooth.CLASS_IMAGES
   files = sorted(folder.glob('*.png'))
   assert len(files) == 8 and imageio.read_image(files[0]).shape == (16, 16, 3)
   stamps = [f.stat().st_mtime_ns for f in files]
@@ -271,7 +277,7 @@ def controlnet_config(base, **overrides):
 
 @pytest.mark.slow
 def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(base, tmp_path):
-  from latent import controlnet  # pylint: disable=g-import-not-at-top
+  from latent.controlnet import maps, model as controlnet  # pylint: disable=g-import-not-at-top
   from ddpm import diffusion  # pylint: disable=g-import-not-at-top
   config = controlnet_config(base)
   workdir = tmp_path / 'cn'
@@ -288,7 +294,7 @@ def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(ba
   exp = finetune.for_sampling(config, workdir)
   images, captions = finetune.data.load_captioned_dataset(config.data)
   images, ids = train.build_dataset(exp.conds, images[:64], captions[:64])
-  maps = controlnet.as_input(controlnet.control_maps(images, 'canny'))
+  maps = controlnet.as_input(maps.control_maps(images, 'canny'))
   mean, _ = exp.stage1.moments(exp.stage1.params, jnp.asarray(images))
   z0 = exp.stage1.scale_factor * mean
   t = jnp.arange(64) % 50 + 20
@@ -296,8 +302,8 @@ def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(ba
   zt = diffusion.q_sample(exp.schedule, z0, t, eps)
 
   def mse(params, control):
-    context, mask, _, _ = train.condition(exp.model, params, jnp.asarray(ids))
-    out = train.denoise(exp.model, params, zt, t, context, mask, control=control)
+    context, mask, _, _ = sampler.condition(exp.model, params, jnp.asarray(ids))
+    out = sampler.denoise(exp.model, params, zt, t, context, mask, control=control)
     return float(jnp.mean((out - eps) ** 2))
   trained = jax.device_get(state.params)
   fresh = {**params0, 'controlnet': controlnet.init_params(
@@ -310,7 +316,7 @@ def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(ba
   folder = workdir / controlnet.FOLDER
   loaded_cn, loaded = controlnet.load(folder, exp.model.unet, params0['unet'], 32)
   assert changed(trained['controlnet'], loaded) == []
-  diffusers = pytest.importorskip('diffusers')
+  import diffusers  # pylint: disable=g-import-not-at-top
   assert diffusers.ControlNetModel.from_pretrained(folder).config.conditioning_embedding_out_channels == [16, 32, 64]
 
   # Sampling from control pictures: one image per prompt and map, and the map beside it.
@@ -331,12 +337,36 @@ def test_controlnet_trains_alone_reads_its_maps_and_writes_a_diffusers_folder(ba
   assert not (tmp_path / 'bad' / 'config.json').exists()
 
 
-def test_paired_batches_weigh_the_prior_half():
-  a = iter([{'ids': np.zeros((2, 1), np.int32)}])
-  b = iter([{'ids': np.ones((2, 1), np.int32)}])
-  batch = next(finetune.PairedBatches(a, b, 0.5))
-  assert batch['ids'][:, 0].tolist() == [0, 0, 1, 1]
-  assert batch['weight'].tolist() == [1.0, 1.0, 0.5, 0.5]
+@pytest.mark.slow
+def test_latent_cache_off_encodes_the_images_every_step(base, concept_dir, tmp_path):
+  config = ft_config('lora', base, concept_dir, **{
+      'train.latent_cache': False, 'train.num_steps': 4, 'train.checkpoint_every': 4,
+      'train.sample_every': 4, 'train.log_every': 2})
+  state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
+  assert int(state.step) == 4
+  assert not (tmp_path / 'ft' / 'concept_latents.npz').exists()
+  losses = [v for _, v in read_scalars(tmp_path / 'ft', 'loss')]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_prior_preservation_loss_is_diffusers_instance_plus_weighted_prior():
+  """train_dreambooth.py's loss: mse(instance half) + prior_loss_weight * mse(prior half),
+  each a mean over its own half, against a float64 formula on fixed inputs."""
+  from ddpm import diffusion, schedules  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a = iter([{'ids': np.zeros((3, 1), np.int32)}])
+  b = iter([{'ids': np.ones((3, 1), np.int32)}])
+  batch = next(dreambooth.PairedBatches(a, b, 0.7))
+  assert batch['ids'][:, 0].tolist() == [0, 0, 0, 1, 1, 1]
+  schedule = schedules.make_schedule('linear', 100)
+  x0, eps = rng.standard_normal((2, 6, 4, 4, 2)).astype(np.float32)
+  t = np.array([3, 50, 99, 0, 20, 70], np.int32)
+  pred = rng.standard_normal((6, 4, 4, 2)).astype(np.float32)
+  loss, _ = diffusion.denoising_loss(schedule, lambda xt, t: pred, x0, t, eps,
+                                     weights=batch['weight'])
+  err = np.mean((pred.astype(np.float64) - eps) ** 2, axis=(1, 2, 3))
+  want = err[:3].mean() + 0.7 * err[3:].mean()
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -394,7 +424,7 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
   """LoRA on Stable Diffusion weights (a tiny random pipeline): the base stays bit-identical,
   and diffusers' own loader reads our file and draws what we draw with it."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  from latent.sd import pipeline  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
   config = pipeline_config('lora', folder, concept_dir, 10, **{'optim.learning_rate': 1e-2})
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
@@ -429,7 +459,7 @@ def test_lora_on_a_pipeline_folder_loads_in_diffusers_with_our_images(sd_folder,
   for strength in (0, 1):
     sd.sample.adapters = (f'{path}:{strength}',)
     sd.sample.output_dir = str(tmp_path / f'sd_{strength}')
-    outputs.append(imageio.load_images(sample.generate_from_pipeline(sd, tmp_path))[0])
+    outputs.append(imageio.load_images(sd_sample.generate(sd, tmp_path))[0])
   assert np.abs(outputs[0].astype(int) - outputs[1]).max() > 3
 
 
@@ -440,7 +470,7 @@ def test_textual_inversion_on_a_pipeline_loads_in_diffusers_with_our_images(sd_f
   draws what we draw with it (sd_pipeline.py's sample.embeddings)."""
   import copy  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
-  from latent import embeddings, pipeline  # pylint: disable=g-import-not-at-top
+  from latent.sd import pipeline  # pylint: disable=g-import-not-at-top
   folder, reference = sd_folder
   config = pipeline_config('textual_inversion', folder, concept_dir, 10, **{
       'concept.init_word': 'hair', 'optim.learning_rate': 5e-2})
@@ -470,7 +500,7 @@ def test_textual_inversion_on_a_pipeline_loads_in_diffusers_with_our_images(sd_f
   sd.pipeline, sd.sample.prompts, sd.sample.num_per_prompt = str(folder), ('sks hair',), 1
   sd.sample.num_steps, sd.sample.embeddings = 4, (str(path),)
   sd.sample.output_dir = str(tmp_path / 'sd')
-  assert len(imageio.load_images(sample.generate_from_pipeline(sd, tmp_path))[0]) == 1
+  assert len(imageio.load_images(sd_sample.generate(sd, tmp_path))[0]) == 1
 
 
 @pytest.mark.slow
@@ -478,11 +508,11 @@ def test_dreambooth_on_a_pipeline_writes_a_diffusers_pipeline(sd_folder, concept
   """DreamBooth on a pipeline folder writes WORKDIR/pipeline: diffusers opens it and draws
   what the fine-tuned run draws; the text encoder stays the base's."""
   import diffusers  # pylint: disable=g-import-not-at-top
-  from latent import pipeline  # pylint: disable=g-import-not-at-top
+  from latent.sd import pipeline  # pylint: disable=g-import-not-at-top
   folder, _ = sd_folder
   config = pipeline_config('dreambooth', folder, concept_dir, 6, **{'optim.learning_rate': 1e-3})
   state = finetune.train_and_evaluate(config, str(tmp_path / 'ft'))
-  saved = tmp_path / 'ft' / finetune.PIPELINE
+  saved = tmp_path / 'ft' / artefacts.PIPELINE
   tuned = pipeline.load(saved)
   base = pipeline.load(folder)
   assert changed({'encoder': base.text_params}, {'encoder': tuned.text_params}) == []
@@ -504,7 +534,8 @@ def test_controlnet_on_a_pipeline_folder_trains_alone_and_writes_a_controlnetmod
   """ControlNet on an SD pipeline: only the ControlNet moves; WORKDIR/controlnet opens in
   diffusers and reads back as the run's weights, fitted to the pipeline's U-Net."""
   import diffusers  # pylint: disable=g-import-not-at-top
-  from latent import controlnet, pipeline  # pylint: disable=g-import-not-at-top
+  from latent.controlnet import model as controlnet  # pylint: disable=g-import-not-at-top
+  from latent.sd import pipeline  # pylint: disable=g-import-not-at-top
   folder, _ = sd_folder
   config = pipeline_config('controlnet', folder, concept_dir, 6, **{
       'optim.learning_rate': 1e-3, 'controlnet.embedding_channels': (8, 16),
@@ -526,8 +557,8 @@ def test_replace_folder_never_leaves_no_whole_copy(tmp_path):
       (path / 'f').write_text(text)
     return fn
   folder = tmp_path / 'controlnet'
-  finetune.replace_folder(folder, write('one'))
-  finetune.replace_folder(folder, write('two'))
+  atomic.replace_folder(folder, write('one'))
+  atomic.replace_folder(folder, write('two'))
   assert (folder / 'f').read_text() == 'two' and sorted(p.name for p in tmp_path.iterdir()) == [
       'controlnet']
 
@@ -535,10 +566,24 @@ def test_replace_folder_never_leaves_no_whole_copy(tmp_path):
     path.mkdir()
     raise KeyboardInterrupt
   with pytest.raises(KeyboardInterrupt):
-    finetune.replace_folder(folder, killed)
+    atomic.replace_folder(folder, killed)
   assert (folder / 'f').read_text() == 'two'
   # Killed between the renames: only FOLDER.old is whole; the next write starts from it.
   folder.rename(tmp_path / 'controlnet.old')
-  finetune.replace_folder(folder, write('three'))
+  atomic.replace_folder(folder, write('three'))
   assert (folder / 'f').read_text() == 'three' and sorted(p.name for p in tmp_path.iterdir()) == [
       'controlnet']
+
+
+def test_settings_the_base_prescribes_name_a_different_user_value(caplog):
+  """A pipeline's scheduler sets sample.spacing / sample.clip_x0: a user's other value is
+  named in a warning, not replaced silently; the default is replaced quietly."""
+  config = finetune_lora.get_config()
+  with caplog.at_level(logging.WARNING):
+    base_lib.impose(config, 'sample.spacing', config.sample.spacing, "the pipeline's scheduler")
+  assert caplog.text == ''
+  config.sample.spacing = 'trailing'
+  with caplog.at_level(logging.WARNING):
+    base_lib.impose(config, 'sample.spacing', 'leading', "the pipeline's scheduler")
+  assert config.sample.spacing == 'leading'
+  assert "sample.spacing='trailing' is replaced by 'leading'" in caplog.text

@@ -13,7 +13,8 @@ import pytest
 
 from common import checkpoint, data, imageio
 from common.logs import read_scalars
-from latent import sample, train, vae_train
+from latent.ldm import sample, sampler, train
+from latent.vae import codec, train as vae_train
 from latent.configs import ldm_demo, vae_demo
 
 
@@ -129,13 +130,13 @@ def _one_prompt_setup(config, workdir):
 def test_img2img_strength_zero_is_the_vae_reconstruction(ldm_run):
   config, workdir, _ = ldm_run
   model, params, stage1, schedule, ids, images, init_z0, noise = _one_prompt_setup(config, workdir)
-  fn = train.make_sample_fn(config, model, schedule, stage1, strength=0.0)
+  fn = sampler.for_config(config, model, schedule, stage1, strength=0.0)
   got = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0)
   recon = stage1.model.apply({'params': stage1.params}, images.astype(np.float32) / 127.5 - 1,
                              method=stage1.model.__call__)[0]  # Decodes the posterior mode.
   np.testing.assert_allclose(got, recon, atol=1e-5)
   # A real strength moves away from it.
-  fn = train.make_sample_fn(config, model, schedule, stage1, strength=0.7)
+  fn = sampler.for_config(config, model, schedule, stage1, strength=0.7)
   moved = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0)
   assert float(jnp.abs(moved - recon).mean()) > 1e-3
 
@@ -145,28 +146,44 @@ def test_inpainting_keeps_the_known_latent_region(ldm_run):
   model, params, stage1, schedule, ids, _, init_z0, noise = _one_prompt_setup(config, workdir)
   h = init_z0.shape[1]
   keep = jnp.zeros((2, h, h, 1)).at[:, :, :h // 2].set(1.0)  # Keep the left half.
-  fn = train.make_sample_fn(config, model, schedule, stage1, inpaint=True, decode=False)
+  fn = sampler.for_config(config, model, schedule, stage1, inpaint=True, decode=False)
   z = fn(params, stage1.params, jax.random.PRNGKey(0), ids, noise, 3.0, init_z0, keep)
   np.testing.assert_array_equal(z[:, :, :h // 2], init_z0[:, :, :h // 2])
   assert float(jnp.abs(z[:, :, h // 2:] - init_z0[:, :, h // 2:]).mean()) > 1e-2
 
 
-def test_inpainting_and_img2img_from_the_command_line_config(ldm_run, tmp_path):
+def test_inpainting_from_the_command_line_keeps_the_picture_where_the_mask_is_dark(ldm_run,
+                                                                                  tmp_path):
   config, workdir, _ = ldm_run
   config = config.copy_and_resolve_references()
   picture = tmp_path / 'picture.png'
-  imageio.save_image(np.full((16, 16, 3), 200, np.uint8), picture)
+  pixels = np.asarray(data.load_captioned_dataset(config.data)[0][5])
+  imageio.save_image(pixels, picture)
   mask = np.zeros((16, 16, 3), np.uint8)
   mask[:, 8:] = 255  # Generate the right half.
+  mask[3, :8] = 255  # A thin stroke inside the kept half: under 0.5 of its latent cells' rows.
   imageio.save_image(mask, tmp_path / 'mask.png')
   config.sample.init_image = str(picture)
   config.sample.mask = str(tmp_path / 'mask.png')
   config.sample.strength = 1.0
   config.sample.output_dir = str(tmp_path / 'inpainted')
   out = sample.generate(config, workdir)
-  assert len(list(out.glob('*.jpg'))) == 6  # Two prompts x 3.
-  keep = sample.read_mask(tmp_path / 'mask.png', 4)
+  images = imageio.load_images(out)[0].astype(np.float32)
+  assert len(images) == 6  # Two prompts x 3.
+  keep = sample.read_mask(tmp_path / 'mask.png', 16, 4)
+  # diffusers' rule (nearest on the binarised mask): the stroke at row 3 is not on a
+  # sampled row (0, 4, 8, 12), so the left half is kept whole.
   assert keep[0, :, :2, 0].all() and not keep[0, :, 2:, 0].any()
+  # The kept half is the picture through the VAE (its latents re-imposed at the end), the
+  # same in every sample; the generated half is the model's and differs between samples.
+  _, _, _, stage1 = sample.restore(config, workdir)
+  recon = np.asarray(imageio.to_uint8(stage1.decode(stage1.params, stage1.encode(
+      stage1.params, pixels[None]))), np.float32)[0]
+  left = np.abs(images[:, :, :6] - recon[:, :6]).mean()
+  right = np.abs(images[:, :, 10:] - recon[:, 10:]).mean()
+  assert left < 12 and right > 2 * left, (left, right)
+  assert np.abs(images[:, :, 10:] - images[:1, :, 10:]).mean() > 2 * np.abs(
+      images[:, :, :6] - images[:1, :, :6]).mean()
 
 
 def test_long_prompt_is_truncated_with_a_warning(ldm_run, caplog):
@@ -213,16 +230,56 @@ def test_unknown_class_prompt_is_an_error(ldm_run, tmp_path):
   assert checkpoint.Checkpointer(class_dir, read_only=True).latest_step() == 1
 
 
-def test_a_vae_trained_sharded_loads_on_this_process_devices(vae_dir, tmp_path):
-  """Stage 1 trained with mesh.fsdp=8 (its config.json says so) loads on one device."""
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  copy = tmp_path / 'vae'
-  shutil.copytree(vae_dir, copy)
-  record = json.loads((copy / 'config.json').read_text())
-  record['mesh'] = {'fsdp': 8}
-  (copy / 'config.json').write_text(json.dumps(record))
-  _, params, scale_factor, _ = vae_train.load_vae(copy)
-  _, reference, reference_scale, _ = vae_train.load_vae(vae_dir)
-  assert scale_factor == reference_scale
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)))
+def test_a_vae_trained_sharded_loads_on_this_process_devices(tmp_path):
+  """Stage 1 trained on 2 devices with its state FSDP-sharded (a subprocess) restores on this
+  process's one device with the very weights training ended with."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import jax, numpy as np
+from test_latent_ldm import tiny_vae_config
+from latent.vae import train as vae_train
+config = tiny_vae_config()
+config.mesh.fsdp = 2
+state = vae_train.train_and_evaluate(config, {str(tmp_path / 'vae')!r})
+leaves = jax.tree.leaves(state.params)
+assert any(len(x.sharding.device_set) == 2 and not x.sharding.is_fully_replicated for x in leaves)
+np.savez({str(tmp_path / 'trained.npz')!r}, *[np.asarray(x) for x in leaves],
+         scale=np.float32(state.scale_factor))
+"""
+  env = dict(__import__('os').environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _, params, scale_factor, config = codec.load_vae(tmp_path / 'vae')
+  assert config.mesh.fsdp == 2 and jax.device_count() == 1
+  trained = np.load(tmp_path / 'trained.npz')
+  assert scale_factor == float(trained['scale'])
+  leaves = jax.tree.leaves(params)
+  assert len(leaves) == len(trained.files) - 1
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_array_equal(np.asarray(leaf), trained[f'arr_{i}'])
+
+
+def test_latent_cache_is_rebuilt_for_other_vae_weights(ldm_run, tmp_path, caplog):
+  """The same data, step and scale factor, but other weights (a stage 1 retrained in the same
+  vae_workdir): the cache is not reused."""
+  config, _, _ = ldm_run
+  _, _, _, stage1 = sample.restore(config, ldm_run[1])
+  images = data.load_captioned_dataset(config.data)[0][:8]
+  first = train.latent_cache(tmp_path, stage1, images, 8)
+  with caplog.at_level(logging.INFO):
+    again = train.latent_cache(tmp_path, stage1, images, 8)
+  assert 'Using the latent cache' in caplog.text
+  np.testing.assert_array_equal(again['mean'], first['mean'])
+  retrained = codec.Codec(stage1.model, jax.tree.map(lambda p: p * 1.01, stage1.params),
+                          stage1.scale_factor, stage1.workdir, stage1.config, stage1.step)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    rebuilt = train.latent_cache(tmp_path, retrained, images, 8)
+  assert 'rebuilding' in caplog.text
+  assert not np.array_equal(rebuilt['mean'], first['mean'])
+  want = retrained.moments(retrained.params, images)[0]
+  np.testing.assert_allclose(rebuilt['mean'][:, 0], want, rtol=1e-5, atol=1e-6)

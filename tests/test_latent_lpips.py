@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from common import mesh as mesh_lib
-from latent import lpips as jlpips
-from latent import vae_train
+from latent.vae import lpips as jlpips
+from latent.vae import state as vae_state, train as vae_train
 from latent.configs import vae_base
 from test_latent_vae import tiny_config as tiny_vae_config
 
@@ -43,9 +43,8 @@ def random_weights_file(path, seed=0):
 # --- Parity with the lpips package --------------------------------------------------------------
 
 def test_matches_lpips_package_after_conversion(tmp_path):
-  torch = pytest.importorskip('torch')
-  lpips_torch = pytest.importorskip(
-      'lpips', reason='the `lpips` package is not installed (pip install lpips)')
+  import torch  # pylint: disable=g-import-not-at-top
+  import lpips as lpips_torch  # pylint: disable=g-import-not-at-top  (the test extra's)
   torch.manual_seed(0)
   # pnet_rand: torchvision's random VGG16 (no download); pretrained: the heads from the wheel.
   reference = lpips_torch.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False).eval()
@@ -140,9 +139,9 @@ def test_train_step_with_lpips_logs_it_and_adds_it_at_ldm_scale(tmp_path):
   vae_base.validate(config)
   lpips_params = vae_train.load_lpips(config)
   mesh = mesh_lib.make_mesh()
-  model, disc = vae_train.build_model(config), vae_train.build_discriminator(config)
-  tx, disc_tx = vae_train.make_optimizers(config)
-  state = vae_train.create_train_state(config, model, disc, tx, disc_tx, mesh)
+  model, disc = vae_state.build_model(config), vae_state.build_discriminator(config)
+  tx, disc_tx = vae_state.make_optimizers(config)
+  state = vae_state.create_train_state(config, model, disc, tx, disc_tx, mesh)
   params_before = jax.device_get(state.params)
   lpips_params = mesh_lib.place(lpips_params, mesh)
   step = vae_train.make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params)

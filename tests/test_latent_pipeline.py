@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import errors
-from latent import pipeline
+from latent.sd import config as sd_config, pipeline
 from test_latent_clip import tiny_text_encoder, tiny_tokenizer
 
 
@@ -178,7 +178,8 @@ def test_our_unet_and_vae_open_in_diffusers(tmp_path):
   from_pretrained, give our outputs (and read back with unet_from_config, the same model)."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from latent import autoencoder, unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from latent.ldm import unet as unet_lib
+  from latent.vae import autoencoder  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   randomise = lambda tree: jax.tree.map(
       lambda p: jnp.asarray(rng.normal(0, 0.05, p.shape), jnp.float32), tree)
@@ -197,7 +198,7 @@ def test_our_unet_and_vae_open_in_diffusers(tmp_path):
   got = np.asarray(unet.apply({'params': params}, z, t, context=context)).transpose(0, 3, 1, 2)
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
   import json  # pylint: disable=g-import-not-at-top
-  assert pipeline.unet_from_config(json.loads((tmp_path / 'unet' / 'config.json').read_text())) == unet
+  assert sd_config.unet_from_config(json.loads((tmp_path / 'unet' / 'config.json').read_text())) == unet
 
   vae = autoencoder.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1,
                                   latent_channels=4, norm_groups=8)
@@ -381,3 +382,31 @@ def test_saved_pipeline_opens_in_diffusers_with_the_same_images(sd_folder, tmp_p
                                 pipeline.generate(ours, prompts, **kw))
   with pytest.raises(errors.WorkdirError, match='exists'):
     pipeline.save(ours, saved)
+
+
+@pytest.mark.parametrize('mask_side', [64, 50, 96])
+def test_inpainting_mask_on_the_latent_grid_is_diffusers(tmp_path, mask_side):
+  """sample.mask -> the latent keep mask, against diffusers' own mask preparation
+  (VaeImageProcessor's resize, grayscale and binarisation, then prepare_mask_latents'
+  interpolation) on thin strokes and half-covered cells, at the image's size and others."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from latent.ldm import sample  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(mask_side)
+  mask = np.zeros((64, 64), np.uint8)
+  mask[10, :] = 255                      # A one-pixel stroke.
+  mask[:, 37:39] = 255                   # Two pixels wide, inside one cell column.
+  mask[40:44, 0:32] = 255                # Half of each cell's rows.
+  mask[48:56, 44:48] = 180               # Half of each cell's columns, a grey above 0.5.
+  mask[56:64, 0:8] = 100                 # A grey below 0.5: kept.
+  mask |= (rng.random((64, 64)) < 0.05).astype(np.uint8) * 255  # Scattered white pixels.
+  img = Image.fromarray(mask).convert('RGB').resize((mask_side, mask_side),
+                                                    Image.Resampling.NEAREST)
+  img.save(tmp_path / 'mask.png')
+  processor = diffusers.image_processor.VaeImageProcessor(
+      vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+  theirs = processor.preprocess(Image.open(tmp_path / 'mask.png'), height=64, width=64)
+  theirs = torch.nn.functional.interpolate(theirs, size=(8, 8))[0, 0].numpy()
+  keep = sample.read_mask(tmp_path / 'mask.png', 64, 8)[0, :, :, 0]
+  np.testing.assert_array_equal(keep, 1.0 - theirs)
+  assert 0 < keep.sum() < keep.size  # Both kinds of cell are there.

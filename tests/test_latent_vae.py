@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from common import checkpoint, data, loop, mesh as mesh_lib
 from common.logs import read_scalars
 from ddpm import convert
-from latent import autoencoder, vae_loss, vae_train
+from latent.vae import autoencoder, codec, loss as vae_loss, state as vae_state
+from latent.vae import train as vae_train
 from latent.configs import vae_base
 
 PARITY = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_groups=8)
@@ -48,9 +49,9 @@ def tiny_config():
 
 
 def restore(workdir, config, step):
-  model, disc = vae_train.build_model(config), vae_train.build_discriminator(config)
-  target = jax.eval_shape(lambda: vae_train.init_state(config, model, disc,
-                                                       *vae_train.make_optimizers(config)))
+  model, disc = vae_state.build_model(config), vae_state.build_discriminator(config)
+  target = jax.eval_shape(lambda: vae_state.init_state(config, model, disc,
+                                                       *vae_state.make_optimizers(config)))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     return ckpt.restore(target, step)
@@ -166,8 +167,8 @@ def test_reconstruction_and_hinge_losses():
 
 def test_adaptive_weight_equals_full_network_gradient_ratio():
   config = tiny_config()
-  model, disc = vae_train.build_model(config), vae_train.build_discriminator(config)
-  state = vae_train.create_train_state(config, model, disc, *vae_train.make_optimizers(config),
+  model, disc = vae_state.build_model(config), vae_state.build_discriminator(config)
+  state = vae_state.create_train_state(config, model, disc, *vae_state.make_optimizers(config),
                                        mesh_lib.make_mesh())  # Compiled once for all tests.
   x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
   rng = jax.random.PRNGKey(3)
@@ -227,9 +228,9 @@ def test_reconstruction_error_falls(trained):
 
 def test_discriminator_off_before_disc_start_and_on_after(trained):
   config, workdir, _ = trained
-  model, disc = vae_train.build_model(config), vae_train.build_discriminator(config)
+  model, disc = vae_state.build_model(config), vae_state.build_discriminator(config)
   mesh = mesh_lib.make_mesh()
-  init = vae_train.create_train_state(config, model, disc, *vae_train.make_optimizers(config), mesh)
+  init = vae_state.create_train_state(config, model, disc, *vae_state.make_optimizers(config), mesh)
   before, after = restore(workdir, config, DISC_START), restore(workdir, config, DISC_START + 20)
   assert leaves_equal(before.disc_params, init.disc_params)
   assert leaves_equal(before.disc_opt_state, init.disc_opt_state)
@@ -257,7 +258,7 @@ def test_resumed_run_matches_uninterrupted_run_and_stores_scale_factor(trained, 
   stopped = vae_train.train_and_evaluate(config, str(workdir))
   assert int(stopped.step) == stop_at + 1 and float(stopped.scale_factor) == 0.0
   with pytest.raises(ValueError, match='no latent scale factor'):
-    vae_train.load_vae(workdir)
+    codec.load_vae(workdir)
   monkeypatch.setattr(loop, 'run', run)
 
   resumed = vae_train.train_and_evaluate(config, str(workdir))
@@ -269,7 +270,7 @@ def test_resumed_run_matches_uninterrupted_run_and_stores_scale_factor(trained, 
   assert scale > 0
 
   # The scale factor is in the final checkpoint; load_vae restores it with the parameters.
-  model, params, loaded_scale, loaded_config = vae_train.load_vae(workdir)
+  model, params, loaded_scale, loaded_config = codec.load_vae(workdir)
   assert loaded_scale == scale and loaded_config.train.num_steps == 60
   assert leaves_equal(params, resumed.params)
   # An already-finished run keeps it without training again.
@@ -278,13 +279,13 @@ def test_resumed_run_matches_uninterrupted_run_and_stores_scale_factor(trained, 
 
   # It is 1 / std of the posterior means of the first scale_factor_images training images.
   images = data.load_dataset(config.data)[:config.train.scale_factor_images]
-  latents = vae_train.encode_images(model, params, scale, images, batch_size=64)
+  latents = codec.encode_images(model, params, scale, images, batch_size=64)
   assert latents.shape == (len(images), 8, 8, 4)
   assert np.std(latents.astype(np.float64)) == pytest.approx(1.0, rel=1e-5)
-  sampled = vae_train.encode_images(model, params, scale, images[:8], 8, sample_posterior=True,
+  sampled = codec.encode_images(model, params, scale, images[:8], 8, sample_posterior=True,
                                     rng=jax.random.PRNGKey(0))
   assert not np.array_equal(sampled, latents[:8])
-  recon = vae_train.decode_images(model, params, scale, latents[:8], batch_size=8)
+  recon = codec.decode_images(model, params, scale, latents[:8], batch_size=8)
   assert recon.dtype == np.uint8 and recon.shape == (8, 16, 16, 3)
   assert vae_train.psnr(images[:8], recon) > 12
 
@@ -296,7 +297,7 @@ def test_load_vae_names_a_missing_or_empty_workdir(tmp_path):
   loop.record_config(tiny_config(), no_checkpoint)
   for workdir in (tmp_path / 'missing', tmp_path, no_checkpoint):
     with pytest.raises(FileNotFoundError, match=f'{workdir}.*train stage 1 first'):
-      vae_train.load_vae(workdir)
+      codec.load_vae(workdir)
 
 
 @pytest.mark.parametrize('key,value,error,message', [
@@ -322,4 +323,4 @@ def test_shipped_configs_validate(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'latent.configs.{name}').get_config()
   vae_base.validate(config)
-  assert vae_train.build_model(config).downsampling_factor == 4
+  assert vae_state.build_model(config).downsampling_factor == 4

@@ -55,6 +55,42 @@ def test_adapter_is_an_exact_no_op_at_init(unet_params):
   assert 'mid_block/attentions_0/to_q' in modules and 'down_blocks_0/resnets_0/conv1' in modules
 
 
+def test_a_target_alternative_that_matches_nothing_is_named(unet_params):
+  from common import errors  # pylint: disable=g-import-not-at-top
+  _, params = unet_params
+  with pytest.raises(errors.ConfigError,
+                     match=r"LoRA targets '\.\*/\(to_q\|to_zz\)': the alternative 'to_zz' "
+                           r"matches no Dense or Conv module \(module paths look like"):
+    lora.add(params, jax.random.PRNGKey(1), 4, targets=r'.*/(to_q|to_zz)')
+  with pytest.raises(errors.ConfigError, match=r"alternatives 'to_zz', 'conv9' match no"):
+    lora.add(params, jax.random.PRNGKey(1), 4, targets=r'.*/(to_q|to_zz|conv1|conv9)')
+  with pytest.raises(errors.ConfigError, match=r"the alternative 'zz' matches no"):
+    lora.add(params, jax.random.PRNGKey(1), 4, targets=r'.*/(to_(q|zz)|conv1)')
+  lora.add(params, jax.random.PRNGKey(1), 4, targets=r'.*/(to_(q|k)|conv1)')  # All match.
+
+
+def test_parameter_table_spells_paths_as_the_rules_and_targets_match_them(tmp_path):
+  """A module named 'net_0.proj' (diffusers' ff.net.0.proj) is 'ff/net_0/proj' in the
+  parameters_*.txt table, the spelling `params` rules and `lora.targets` match."""
+  from common import logs  # pylint: disable=g-import-not-at-top
+  params = {'blocks_0': {'ff': {'net_0.proj': {'kernel': jnp.zeros((8, 16)),
+                                               'bias': jnp.zeros((16,))},
+                                'net_2': {'kernel': jnp.zeros((16, 8))}}}}
+  logs.log_parameter_overview(params, 'Tiny net', tmp_path)
+  table = (tmp_path / 'parameters_tiny_net.txt').read_text()
+  names = [line.split('|')[1].strip() for line in table.splitlines()
+           if line.startswith('|') and 'Shape' not in line]
+  assert names == ['blocks_0/ff/net_0/proj/bias', 'blocks_0/ff/net_0/proj/kernel',
+                   'blocks_0/ff/net_2/kernel'], table
+  assert 'net_0.proj' not in table
+  # What the table shows is what a rule and a LoRA target are written against.
+  strict = params_lib.get_config()
+  strict.trainable = (('blocks_0/ff/net_0/proj/kernel', True), ('.*', False))
+  params_lib.Rules(strict).check({'net': params})
+  adapted = lora.add(params, jax.random.PRNGKey(0), 2, targets='blocks_0/ff/net_0/proj')
+  assert lora.A in adapted['blocks_0']['ff']['net_0.proj']
+
+
 def test_merged_weights_equal_the_two_branch_forward(unet_params):
   unet, params = unet_params
   adapted = randomised(lora.add(params, jax.random.PRNGKey(1), rank=4, alpha=8,
@@ -89,24 +125,53 @@ def test_several_adapters_at_their_own_strengths(unet_params):
 def test_peft_state_dict_round_trip(unet_params):
   _, params = unet_params
   adapted = randomised(lora.add(params, jax.random.PRNGKey(1), rank=4, alpha=2, targets=TARGETS), 0)
-  back = lora.from_peft(lora.to_peft(adapted), params)
-  # The scale is folded into B on export: the merged weights are what must agree.
-  for a, b in zip(jax.tree.leaves(lora.merged(adapted)),
-                  jax.tree.leaves(lora.merge_adapters(params, [(back, 1.0)]))):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  state = lora.to_peft(adapted)
+  for k, b in flax.traverse_util.flatten_dict(adapted).items():
+    if k[-1] == lora.B:  # B as trained, unscaled ([out, r], 1x1 for a conv).
+      name = params_lib.torch_module_name(k[:-1])
+      np.testing.assert_array_equal(state[f'{name}.lora_B.weight'].reshape(b.shape[::-1]),
+                                    np.asarray(b).T, err_msg=name)
+  alphas = lora.alphas(adapted)
+  assert set(alphas.values()) == {2}
+  back = lora.from_peft(state, params, alpha=alphas)
+  # A, B and the scale come back as they were: B is never scaled on export.
+  expected = lora.split(adapted)[1]
+  assert jax.tree.structure(back) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def file_metadata(path):
+  import json  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(str(path), framework='numpy') as f:
+    metadata = f.metadata()
+  return metadata, json.loads(metadata['lora_adapter_metadata'])
 
 
 def test_export_matches_peft_on_diffusers_unet(tmp_path):
-  """Our adapter, saved as safetensors and injected into diffusers' UNet2DModel with PEFT,
-  gives that model our outputs: the file is a standard PEFT LoRA."""
+  """Our adapter (rank 4, alpha 8), saved as safetensors and injected into diffusers'
+  UNet2DModel with PEFT under the LoraConfig its metadata records, gives that model our
+  outputs: the file is a standard PEFT LoRA, B as trained and alpha as configured."""
   import peft  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
   unet, reference, params = random_pair()
   adapted = randomised(lora.add(params, jax.random.PRNGKey(3), rank=4, alpha=8, targets=TARGETS), 2)
   path = lora.save(tmp_path / 'pytorch_lora_weights.safetensors', lora.split(adapted)[1])
 
-  config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=['to_q', 'to_k', 'to_v', 'to_out.0',
-                                                               'conv1'])
+  metadata, fields = file_metadata(path)
+  assert fields['r'] == 4 and fields['lora_alpha'] == 8 and fields['alpha_pattern'] == {}
+  assert metadata['ss_network_dim'] == '4' and metadata['ss_network_alpha'] == '8'
+  saved = load_file(str(path))
+  flat = flax.traverse_util.flatten_dict(adapted)
+  trained_b = {params_lib.torch_module_name(k[:-1]): np.asarray(v) for k, v in flat.items()
+               if k[-1] == lora.B}
+  assert len(trained_b) == len(fields['target_modules']) > 0
+  for name, b in trained_b.items():  # B unscaled: the trained B ([out, r], 1x1 for a conv).
+    np.testing.assert_array_equal(
+        saved[f'{name}.lora_B.weight'].numpy().reshape(b.shape[::-1]), b.T, err_msg=name)
+  config = peft.LoraConfig(**{k: fields[k] for k in ('r', 'lora_alpha', 'target_modules',
+                                                     'rank_pattern', 'alpha_pattern')})
   reference = peft.inject_adapter_in_model(config, reference)
   result = peft.set_peft_model_state_dict(reference, load_file(str(path)))
   assert not [k for k in result.missing_keys if 'lora' in k] and not result.unexpected_keys
@@ -187,7 +252,7 @@ def test_sampling_takes_adapter_files_at_a_strength(tmp_path):
 def _conditional_pair():
   """Our ConditionalUNet with random weights, exported into diffusers' UNet2DConditionModel."""
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from latent import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from latent.ldm import unet as unet_lib  # pylint: disable=g-import-not-at-top
   ours = unet_lib.ConditionalUNet(sample_size=8, in_channels=4, out_channels=4,
                                   block_out_channels=(16, 32), layers_per_block=1,
                                   attention_resolutions=(8,), head_dim=8, norm_groups=8)
@@ -232,7 +297,35 @@ def test_our_lora_file_loads_with_diffusers_loader(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
 
 
-def test_a_peft_lora_from_diffusers_loads_into_ours():
+def test_a_file_records_each_modules_alpha_and_loads_at_it_in_diffusers_and_ours(tmp_path):
+  """Two alphas in one adapter (rank 4 alpha 8 on self-attention, rank 2 alpha 3 on
+  cross-attention): the metadata's lora_alpha and alpha_pattern (and rank_pattern) record
+  them, diffusers' loader applies them, and `load` gives back the very scales."""
+  params, theirs, run_ours, run_theirs = _conditional_pair()
+  adapted = lora.add(params, jax.random.PRNGKey(1), rank=4, alpha=8,
+                     targets=r'.*/attn1/(to_q|to_k|to_v|to_out_0)')
+  adapted = randomised(lora.add(adapted, jax.random.PRNGKey(2), rank=2, alpha=3,
+                                targets=r'.*/attn2/(to_q|to_k|to_v|to_out_0)'), 4, std=1.0)
+  path = lora.save(tmp_path / 'pytorch_lora_weights.safetensors', lora.split(adapted)[1],
+                   prefix='unet.')
+  _, fields = file_metadata(path)
+  cross = {n for n in fields['unet.target_modules'] if '.attn2.' in n}
+  assert 0 < 2 * len(cross) == len(fields['unet.target_modules'])
+  assert fields['unet.r'] == 4 and fields['unet.lora_alpha'] == 8
+  assert fields['unet.alpha_pattern'] == dict.fromkeys(cross, 3)
+  assert fields['unet.rank_pattern'] == dict.fromkeys(cross, 2)
+
+  loaded = lora.load(path, {'unet': params})['unet']
+  want_tree = lora.split(adapted)[1]
+  for a, b in zip(jax.tree.leaves(want_tree), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  theirs.load_lora_adapter(str(tmp_path), prefix='unet', weight_name=path.name)
+  want, got = run_theirs(), run_ours(adapted)
+  assert np.abs(got - run_ours(params)).max() > 1e-2 * np.abs(want).max()  # The adapter acts.
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_peft_lora_from_diffusers_loads_into_ours(tmp_path):
   import peft  # pylint: disable=g-import-not-at-top
   from peft.utils import get_peft_model_state_dict  # pylint: disable=g-import-not-at-top
   params, theirs, run_ours, run_theirs = _conditional_pair()
@@ -246,6 +339,11 @@ def test_a_peft_lora_from_diffusers_loads_into_ours():
   adapter = lora.from_peft(state, params, alpha=8)
   want = run_theirs()
   got = run_ours(lora.merge_adapters(params, [(adapter, 1.0)]))
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+  # diffusers' own file of it: `load` takes alpha 8 from the metadata diffusers writes.
+  theirs.save_lora_adapter(str(tmp_path), weight_name='theirs.safetensors')
+  got = run_ours(lora.merge_adapters(params, [(lora.load(tmp_path / 'theirs.safetensors',
+                                                         params), 1.0)]))
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
 
 

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from scipy import signal as scipy_signal
 
-from conftest import shared_path
 from stylegan import augment, loss, networks
 from stylegan.configs import base as config_lib
 from stylegan.configs import anime64, demo
@@ -349,26 +348,26 @@ def test_unknown_config_key_is_an_error():
     config_lib.validate(c)
 
 
-def test_folder_images_of_another_size_are_an_error():
+def test_folder_images_of_another_size_are_an_error(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   from common import data as data_lib  # pylint: disable=g-import-not-at-top
+  for i in range(2):
+    Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / f'{i}.png')
   c = demo.get_config()
   c.data.source = 'folder'
-  c.data.path = str(shared_path('data', 'anime_faces_getchu64', 'images'))
+  c.data.path = str(tmp_path)
   c.data.resize = False  # 64x64 files, config says 32.
-  c.data.max_images = 4
   with pytest.raises(ValueError, match='image_size=32'):
     data_lib.load_dataset(c.data)
 
 
 # ---------------------------------------------------------------------------
-# Training on real faces: a few dozen steps, checkpoints, resume, sampling.
+# Training on the built-in digits (no download, so these run on a fresh clone): a few
+# dozen steps, the EMA, donation, checkpoints, resume, SIGTERM, sampling.
 
 
-def _train_config(path, num_steps):
-  c = demo.get_config()
-  c.data.source = 'folder'
-  c.data.path = str(path)
-  c.data.image_size = 32
+def _train_config(num_steps):
+  c = demo.get_config()  # data.source='digits' at 32x32.
   c.data.max_images = 256
   for k, v in TINY_MODEL.items():
     c.model[k] = v
@@ -389,38 +388,97 @@ def _train_config(path, num_steps):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
-  faces = shared_path('data', 'anime_faces_getchu64', 'images')
+  from stylegan import state as state_lib, train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('stylegan')
-  config = _train_config(faces, 24)
-  init = training_loop.init_state(config)
-  straight = training_loop.train_and_evaluate(config, root / 'straight')
+  config = _train_config(24)
+  init = jax.device_get(state_lib.init_state(config))  # Host copies: nothing can donate them.
+  straight = train.train_and_evaluate(config, root / 'straight')
   # The same run cut in two: stop at 12, then a fresh call resumes from the checkpoint.
-  training_loop.train_and_evaluate(_train_config(faces, 12), root / 'resumed')
-  resumed = training_loop.train_and_evaluate(config, root / 'resumed')
+  train.train_and_evaluate(_train_config(12), root / 'resumed')
+  resumed = train.train_and_evaluate(config, root / 'resumed')
   return dict(config=config, root=root, init=init, straight=straight, resumed=resumed)
 
 
 def _images(state, config):
-  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
-  z = training_loop.fixed_latents(config, 4)
-  return training_loop.generate(state.g_params, state.w_avg, config, z), \
-      training_loop.generate(state.g_ema_params, state.w_avg, config, z)
+  from stylegan import generate  # pylint: disable=g-import-not-at-top
+  z = generate.fixed_latents(config, 4)
+  return generate.generate(state.g_params, state.w_avg, config, z), \
+      generate.generate(state.g_ema_params, state.w_avg, config, z)
 
 
-def test_training_runs_and_changes_g(trained):
-  init, final, config = trained['init'], trained['straight'], trained['config']
+def _one_more_step(trained):
+  """(host copy of the final state, the compiled phases, the state after step 24 run on a
+  device copy of it, that copy's leaves, the step's metrics). The phases are the run's own
+  (`get_steps` caches them per config and mesh): nothing is compiled again."""
+  from common import data as data_lib, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from stylegan import phases  # pylint: disable=g-import-not-at-top
+  config, final = trained['config'], trained['straight']
+  mesh = mesh_lib.make_mesh(config.get('mesh'))
+  images = data_lib.load_dataset(config.data)
+  reals = mesh_lib.shard_batch(
+      next(data_lib.BatchIterator(images, config.train.batch_size, config.seed, step=24)), mesh)
+  steps = phases.get_steps(config, mesh)
+  assert steps.compiled  # The run compiled them.
+  fn = steps.compile(final, reals)
+  copy = jax.tree.map(lambda x: x.copy(), final)  # The fixture's state stays usable.
+  leaves = jax.tree.leaves(copy)
+  after, metrics = fn(copy, reals, 24)
+  return jax.device_get(final), steps, jax.device_get(after), leaves, metrics
+
+
+def test_training_runs_and_trains_every_parameter(trained):
+  init, final = trained['init'], trained['straight']
   assert int(final.step) == 24
   for leaf in jax.tree.leaves((final.g_params, final.d_params, final.pl_mean, final.w_avg)):
     assert np.all(np.isfinite(np.asarray(leaf)))
-  g0, e0 = _images(init, config)
-  g1, e1 = _images(final, config)
-  assert np.abs(g1.astype(int) - g0).mean() > 1.0   # uint8 levels.
-  assert np.abs(e1.astype(int) - e0).mean() > 0.5
+  # Every parameter of G and D received updates (none is cut off from its loss).
+  for net in ('g_params', 'd_params'):
+    paths = jax.tree_util.tree_flatten_with_path(getattr(init, net))[0]
+    for (path, a), b in zip(paths, jax.tree.leaves(getattr(final, net))):
+      assert not np.array_equal(a, np.asarray(b)), (net, jax.tree_util.keystr(path))
   assert float(final.pl_mean) > 0                    # Path-length reg ran.
   assert float(final.ada_p) > 0                      # ADA moved p.
   assert float(jnp.linalg.norm(final.w_avg)) > 0     # w_avg is tracked.
   assert (trained['root'] / 'straight' / 'samples_during_training' / '00000024.png').exists()
+
+
+def test_g_ema_is_the_ema_of_g_with_the_ramped_half_life(trained):
+  """One more step (step 24): G_ema <- beta G_ema + (1 - beta) G, with G after this step's
+  G phases and beta = 0.5 ** (batch / min(ema_kimg * 1000, step * batch * ema_rampup))."""
+  before, _, after, _, _ = _one_more_step(trained)
+  t = trained['config'].train
+  beta = 0.5 ** (t.batch_size / min(t.ema_kimg * 1000, 24 * t.batch_size * t.ema_rampup))
+  assert 0.5 < beta < 0.6  # The ramp sets it here (0.561): far from both 0 and 1.
+  assert int(after.step) == 25
+  g_leaves = jax.tree_util.tree_flatten_with_path(after.g_params)[0]
+  for (path, g), old_ema, old_g, ema in zip(g_leaves, jax.tree.leaves(before.g_ema_params),
+                                            jax.tree.leaves(before.g_params),
+                                            jax.tree.leaves(after.g_ema_params)):
+    name = jax.tree_util.keystr(path)
+    g, old_ema, ema = (np.asarray(a, np.float64) for a in (g, old_ema, ema))
+    assert not np.array_equal(g, old_g), name  # The step trained G...
+    want = beta * old_ema + (1 - beta) * g     # ...and G_ema followed it.
+    scale = max(np.abs(g).max(), np.abs(old_ema).max(), 1e-30)
+    np.testing.assert_allclose(ema, want, rtol=0, atol=1e-6 * scale, err_msg=name)
+  # Not satisfied by a G_ema that is G, or that stayed put: the lag is far above float error.
+  lag = max(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30)
+            for a, b in zip(jax.tree.leaves(before.g_ema_params), jax.tree.leaves(after.g_params)))
+  assert lag > 1e-3, lag
+
+
+def test_phases_donate_the_state(trained):
+  """Each compiled phase writes the new state into the old one's buffers (the state is held
+  once, not twice), and the state passed to a step is consumed."""
+  _, steps, _, leaves, metrics = _one_more_step(trained)
+  state_bytes = sum(x.nbytes for x in leaves)
+  for name in ('g_main', 'g_reg', 'd_main', 'd_reg', 'finish'):
+    compiled = getattr(steps, name)
+    assert 'input_output_alias' in compiled.as_text(), name
+    analysis = compiled.memory_analysis()
+    if analysis is not None:  # Every aliased byte is the state's: all of it.
+      assert analysis.alias_size_in_bytes == state_bytes, (name, analysis.alias_size_in_bytes)
+  assert all(x.is_deleted() for x in leaves)
+  assert all(np.isfinite(float(v)) for v in metrics.values())  # Metrics are not donated.
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained):
@@ -436,9 +494,9 @@ def test_resume_reproduces_the_uninterrupted_run(trained):
 
 def test_checkpoint_round_trip_and_sampling(trained, tmp_path):
   from common import experiment  # pylint: disable=g-import-not-at-top
-  from stylegan import sample, training_loop  # pylint: disable=g-import-not-at-top
+  from stylegan import sample, train  # pylint: disable=g-import-not-at-top
   config, workdir = trained['config'], trained['root'] / 'straight'
-  restored = experiment.restore_for_sampling(training_loop.Experiment(config), workdir, '')
+  restored = experiment.restore_for_sampling(train.Experiment(config), workdir, '')
   for x, y in zip(jax.tree.leaves(trained['straight']), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   config = config.copy_and_resolve_references()
@@ -455,7 +513,7 @@ def test_checkpoint_round_trip_and_sampling(trained, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_continues(trained, tmp_path, monkeypatch):
   """SIGTERM mid-run: a checkpoint at that step, a clean return, then an exact resume."""
   from common import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
+  from stylegan import train  # pylint: disable=g-import-not-at-top
   should_stop = checkpoint_lib.PreemptionGuard.should_stop
 
   def sigterm_at_5(self, step):
@@ -465,11 +523,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(trained, tmp_path, monk
 
   monkeypatch.setattr(checkpoint_lib.PreemptionGuard, 'should_stop', sigterm_at_5)
   config, workdir = trained['config'], tmp_path / 'run'
-  stopped = training_loop.train_and_evaluate(config, workdir)
+  stopped = train.train_and_evaluate(config, workdir)
   assert int(stopped.step) == 5
   assert checkpoint_lib.Checkpointer(workdir, 1).latest_step() == 5
   monkeypatch.setattr(checkpoint_lib.PreemptionGuard, 'should_stop', should_stop)
-  final = training_loop.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config, workdir)
   for x, y in zip(jax.tree.leaves(trained['straight']), jax.tree.leaves(final)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -487,10 +545,10 @@ def test_demo_generator_is_varied_and_d_recovers(tmp_path):
   """
   from common import data as data_lib  # pylint: disable=g-import-not-at-top
   from common.logs import read_scalars  # pylint: disable=g-import-not-at-top
-  from stylegan import sample, training_loop  # pylint: disable=g-import-not-at-top
+  from stylegan import sample, train  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
   workdir = tmp_path / 'demo'
-  training_loop.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir)
 
   diversity = read_scalars(workdir, 'diversity/G_ema')
   assert diversity[-1][0] == config.train.num_steps
@@ -522,7 +580,7 @@ def test_two_modes_both_appear(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from common import data as data_lib  # pylint: disable=g-import-not-at-top
-  from stylegan import training_loop  # pylint: disable=g-import-not-at-top
+  from stylegan import generate, train  # pylint: disable=g-import-not-at-top
   labels = load_digits().target
   config = demo.get_config()
   images = data_lib.load_dataset(config.data)
@@ -533,10 +591,10 @@ def test_two_modes_both_appear(tmp_path):
     Image.fromarray(images[i]).save(folder / f'{i}.png')
   config.data.source, config.data.path = 'folder', str(folder)
   config.train.num_steps = 1500
-  state = training_loop.train_and_evaluate(config, tmp_path / 'run')
+  state = train.train_and_evaluate(config, tmp_path / 'run')
 
   z = np.random.default_rng(1).standard_normal((256, config.model.z_dim)).astype(np.float32)
-  fakes = training_loop.generate(state.g_ema_params, state.w_avg, config, z).astype(np.float32)
+  fakes = generate.generate(state.g_ema_params, state.w_avg, config, z).astype(np.float32)
   reals = images[keep].astype(np.float32)
   means = [reals[labels[keep] == k].mean(0) for k in (0, 1)]
 

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = t = ml_collections.ConfigDict()
   t.batch_size = 128               # Global, over all devices and hosts.
   t.grad_accum_steps = 1           # Split each batch into this many sequential micro-batches:
-                                   # the same update (exactly so with model.dropout = 0).
+                                   # the same update, dropout's masks too (drawn per example).
   t.num_steps = 100_000
   t.log_every = 100
   t.checkpoint_every = 5_000
@@ -113,7 +113,8 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   validate_diffusion(config.diffusion)
   validate_train(config.train)
   validate_sample(config.sample, config.diffusion)
-  config_lib.check_positive(config.sample.num_images, 'sample.num_images')
+  if 'num_images' in config.sample:  # Not a key of the super-resolution configs (sr_base.py).
+    config_lib.check_positive(config.sample.num_images, 'sample.num_images')
 
 
 def validate_model(m: ml_collections.ConfigDict, size: int, size_name: str = 'data.image_size'):

@@ -65,5 +65,4 @@ def get_config():
   s.num_steps = 25
   s.noise_level = 20
   s.batch_size = 100
-  s.progressive = False
   return config

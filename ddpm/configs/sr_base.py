@@ -1,4 +1,5 @@
-"""Every key a super-resolution config (ddpm/sr.py) may set: ddpm's, plus `sr` and two sample keys.
+"""Every key a super-resolution config (ddpm/sr.py) may set: ddpm's (but sample.num_images and
+sample.progressive: --mode=upscale upscales every input), plus `sr` and two sample keys.
 
 SR3 (Saharia et al. 2021): a pixel U-Net denoises the high-resolution image x_t given the
 low-resolution image, bicubic-upsampled to data.image_size and concatenated on the channels.
@@ -42,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
                                    # trained on: benchmarks/bench_sr.py measures on them.
 
   s = config.sample
+  # --mode=upscale writes one image per input and no figure: ddpm's sample.num_images and
+  # sample.progressive (of --mode=sample) are no keys here, so setting one is an error.
+  del s['num_images'], s['progressive']
   s.input = ''                     # --mode=upscale: the folder of low-resolution images.
   s.noise_level = 20               # s at sampling (SD x4's default 20).
   s.output_dir = ''                # '' = WORKDIR/upscaled (same file names as the inputs).

@@ -35,6 +35,7 @@ METHODS = ('lora', 'dreambooth', 'textual_inversion', 'hypernetwork', 'controlne
 # Keys taken from the base workdir's config.json (the architecture being fine-tuned).
 FROM_BASE = ('model', 'conditioning', 'diffusion', 'vae_workdir')
 RUN_KEYS = ('base_workdir', 'pipeline', 'method', 'concept.token', 'concept.init_word', 'lora.rank',
+            'lora.alpha',  # Its scale is in the checkpoint: another one would be ignored.
             'lora.targets', 'hypernetwork.multipliers', 'finetune.train_text_encoder',
             'controlnet.detector', 'controlnet.embedding_channels')
 
@@ -86,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0
   config.optim.lr_schedule = 'constant'
   t = config.train
-  t.latent_cache = True
+  t.latent_cache = True            # The concept's (and class images') posterior moments, once
+                                   # into the workdir; False encodes the images every step.
   t.batch_size = 4
   t.num_steps = 400
   t.log_every = 20

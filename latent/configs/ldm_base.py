@@ -137,7 +137,7 @@ def validate_values(config: ml_collections.ConfigDict, vae_factor: int | None = 
     config_lib.check_positive(c[key], f'conditioning.{key}')
   if c.width % c.heads:
     raise ValueError(f'conditioning.heads={c.heads} must divide conditioning.width={c.width}.')
-  if c.kind == 'class' and len(set(c.class_names)) != len(c.class_names) or not c.class_names:
+  if c.kind == 'class' and (len(set(c.class_names)) != len(c.class_names) or not c.class_names):
     raise ValueError(f'conditioning.class_names must be distinct and non-empty: {c.class_names}.')
   config_lib.check_range(c.dropout_prob, 0.0, 1.0, 'conditioning.dropout_prob')
   if vae_factor:

@@ -22,9 +22,9 @@ DTYPES = ('float32', 'bfloat16')
 REC_LOSSES = ('l1', 'l2', 'l1+l2')  # Summed over pixels, as LDM (latent.vae_loss).
 DISC_NORMS = ('group', 'none')      # The patch discriminator's norm (no BatchNorm: see vae_loss).
 
-# LPIPS-VGG's converted weights (.npz), as latent/lpips.py makes and loads them: the arrays of
+# LPIPS-VGG's converted weights (.npz), as latent/vae/lpips.py makes and loads them: the arrays of
 # torchvision vgg16's 3x3 convs (by their index in `features`) in LPIPS' five slices, and one
-# 1x1 head per slice. tests/test_configs.py checks these names against latent.lpips.
+# 1x1 head per slice. tests/test_configs.py checks these names against latent.vae.lpips.
 _LPIPS_VGG16_CONVS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 LPIPS_KEYS = tuple(sorted(
     [f'lin{s}.kernel' for s in range(len(_LPIPS_VGG16_CONVS))]
@@ -57,7 +57,7 @@ def check_lpips(lpips_weight: float, lpips_weights: str, prefix: str = 'loss') -
   """lpips_weight > 0 needs `lpips_weights`, an existing LPIPS-VGG .npz (checked before compute).
 
   The weights cannot be downloaded at run time: the user converts them once
-  (see latent/lpips.py); without them LPIPS is refused, never silently skipped.
+  (see latent/vae/lpips.py); without them LPIPS is refused, never silently skipped.
   Reads the file's array names only (its zip directory), not the arrays.
   """
   if lpips_weight < 0:

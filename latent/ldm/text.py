@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.layers import dense
-from latent import attention
+from latent.ldm import attention
 
 PAD, UNK = '<pad>', '<unk>'
 _WORD = re.compile(r"[a-z0-9']+")

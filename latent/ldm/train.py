@@ -20,49 +20,22 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import data, experiment, imageio, logs, loop, lora, mesh as mesh_lib, optim
-from ddpm import diffusion, samplers
+from common import atomic, data, experiment, imageio, logs, loop, lora, mesh as mesh_lib, optim
+from ddpm import diffusion
 from ddpm import train as ddpm_train
-from latent import conditions as conditions_lib
-from latent import controlnet, guidance, hypernetwork, vae_train
 from latent.configs import ldm_base
-from latent.unet import ConditionalUNet, LatentDenoiser
+from latent.controlnet import model as controlnet_lib
+from latent.ldm import conditions as conditions_lib
+from latent.ldm import guidance, sampler
+from latent.ldm.sampler import condition, denoise
+from latent.ldm.unet import ConditionalUNet, LatentDenoiser
+from latent.vae.codec import Codec
 
 CACHE = 'latent_cache.npz'
 
 
-class Stage1:
-  """The frozen VAE of a stage-1 workdir: encode to scaled latents, decode back to pixels."""
-
-  def __init__(self, workdir: str | Path):
-    self.workdir = Path(workdir)
-    self.model, self.params, self.scale_factor, self.config = vae_train.load_vae(workdir)
-    self.factor = self.model.downsampling_factor
-    self.latent_channels = self.model.latent_channels
-
-  @classmethod
-  def from_vae(cls, model, params, scale_factor: float) -> 'Stage1':
-    """A VAE from elsewhere (a Stable Diffusion pipeline folder's)."""
-    self = cls.__new__(cls)
-    self.workdir, self.config = None, None
-    self.model, self.params, self.scale_factor = model, params, scale_factor
-    self.factor = model.downsampling_factor
-    self.latent_channels = model.latent_channels
-    return self
-
-  def moments(self, params, images_uint8):
-    """uint8 images -> (mean, std) of q(z|x), unscaled."""
-    x = images_uint8.astype(jnp.float32) / 127.5 - 1.0
-    mean, logvar = self.model.apply({'params': params}, x, method=self.model.encode)
-    return mean, jnp.exp(0.5 * logvar)
-
-  def decode(self, params, z0):
-    """Scaled latents -> images in [-1, 1]."""
-    return vae_train.decode_latents(self.model, params, self.scale_factor, z0)
-
-
 def build_model(config: ml_collections.ConfigDict, conds: conditions_lib.Conditions,
-                stage1: Stage1) -> LatentDenoiser:
+                stage1: Codec) -> LatentDenoiser:
   m, c = config.model, config.conditioning
   unet = ConditionalUNet(
       sample_size=config.data.image_size // stage1.factor,
@@ -71,7 +44,7 @@ def build_model(config: ml_collections.ConfigDict, conds: conditions_lib.Conditi
       attention_resolutions=tuple(m.attention_resolutions), head_dim=m.head_dim,
       mid_attention=m.mid_attention, norm_groups=m.norm_groups, dropout=m.dropout,
       dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
-      transformer_depth=m.transformer_depth, name='unet')
+      transformer_depth=m.transformer_depth, remat=m.remat, name='unet')
   return LatentDenoiser(unet, conds.encoder(c), conds.context_length, c.width)
 
 
@@ -86,24 +59,12 @@ def init_state(config, model: LatentDenoiser, tx, rules=None) -> ddpm_train.Trai
   return ddpm_train.new_state(params, tx, rules or ddpm_train.rules_of(config), state_rng)
 
 
-def denoise(model: LatentDenoiser, params, z, t, context, mask, **kwargs):
-  """The denoiser's output; a hypernetwork in `params` acts on the cross-attention context."""
-  with hypernetwork.applied(params):
-    return model.apply({'params': params}, z, t, context, mask, **kwargs)
-
-
-def condition(model: LatentDenoiser, params, ids):
-  """(context, mask) of condition ids, and the null (context, mask) of the same batch."""
-  context, mask = model.apply({'params': params}, ids, method='encode')
-  null, null_mask = model.apply({'params': params}, ids.shape[0], method='null')
-  return context, mask, null, null_mask
-
-
 def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1, rules):
   """One step on a batch {'ids', and 'images' (uint8) or the cached 'mean'/'std' [B, 2, ...]}.
 
   The randomness (flips, posterior samples, condition dropout, t, eps) is drawn for the
-  whole batch first, so train.grad_accum_steps micro-batches give the same update.
+  whole batch first, and dropout's masks per example (`optim.value_and_grad`'s `rng`), so
+  train.grad_accum_steps micro-batches give the same update.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   flip_rng, post_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 5)
@@ -128,11 +89,11 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
     inputs['control'] = jnp.where(flip[:, None, None, None], batch['control'][:, :, ::-1],
                                   batch['control'])
 
-  def loss_fn(params, mb):
+  def loss_fn(params, mb, dropout_rng):
     params = lora.merged(params)  # W + scale A B where adapters are (common.lora); else itself.
     context, mask, null, null_mask = condition(model, params, mb['ids'])
     context, mask = guidance.use_null_where(mb['dropped'], context, mask, null, null_mask)
-    control = controlnet.as_input(mb['control']) if 'control' in mb else None
+    control = controlnet_lib.as_input(mb['control']) if 'control' in mb else None
     model_fn = lambda zt, t: denoise(model, params, zt, t, context, mask, train=True,
                                      control=control, rngs={'dropout': dropout_rng})
     return diffusion.denoising_loss(schedule, model_fn, mb['z0'], mb['t'], mb['eps'],
@@ -140,45 +101,9 @@ def train_step(state, batch, vae_params, *, config, model, schedule, tx, stage1,
                                     mb['weight'])
 
   (loss, aux), grads = optim.value_and_grad(loss_fn, state.params, rules, inputs,
-                                            config.train.grad_accum_steps)
+                                            config.train.grad_accum_steps, rng=dropout_rng)
   metrics = {'loss': loss, 'mse': aux['mse'], 'grad_norm': optax.global_norm(grads)}
   return ddpm_train.apply_gradients(state, grads, tx, config.train, rules), metrics
-
-
-def make_sample_fn(config, model: LatentDenoiser, schedule, stage1: Stage1,
-                   strength: float = 1.0, inpaint: bool = False, decode: bool = True,
-                   options: dict | None = None, guess_mode: bool = False):
-  """jit(fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0, keep, control,
-  control_scale) -> images).
-
-  Classifier-free guided sampling with the config's sampler, decoded to [-1, 1].
-  `init_z0` (scaled latents) starts image-to-image at `strength`; with `inpaint`,
-  latents where `keep` [B, h, w, 1] is 1 are re-imposed from init_z0, noised to
-  the current step, after every step (and exactly at the end). decode=False
-  returns the scaled latents instead of images. `options` override the config's sampler
-  settings (a pipeline's steps_offset, say). `control` [B, H, W, C] in [0, 1] steers a
-  model with a ControlNet at `control_scale`; in `guess_mode` the ControlNet's residuals
-  are scaled as diffusers' guess mode and reach the conditional half only, as in its
-  pipeline.
-  """
-
-  def sample_fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0=None, keep=None,
-                control=None, control_scale=1.0):
-    params = lora.merged(params)
-    context, mask, null, null_mask = condition(model, params, ids)
-    extra = {}
-    if control is not None:
-      both, scale = controlnet.for_guidance(control, control_scale, guess_mode)
-      extra = dict(control=both, control_scale=scale, guess_mode=guess_mode)
-    apply = lambda x, t, c, m: denoise(model, params, x, t, c, m, **extra)
-    model_fn = guidance.guided_model_fn(apply, context, mask, null, null_mask, guidance_scale)
-    z0 = samplers.sample(schedule, model_fn, noise, rng,
-                         **samplers.options_from_config(config, **(options or {})),
-                         inject=samplers.reimposing(init_z0, keep) if inpaint else None,
-                         init_x0=init_z0 if strength < 1.0 else None, strength=strength)
-    return stage1.decode(vae_params, z0) if decode else z0
-
-  return jax.jit(sample_fn)
 
 
 def build_dataset(conds: conditions_lib.Conditions, images, captions):
@@ -187,18 +112,20 @@ def build_dataset(conds: conditions_lib.Conditions, images, captions):
   return images[keep], ids[keep]
 
 
-def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: int,
+def latent_cache(workdir: Path, stage1: Codec, images: np.ndarray, batch_size: int,
                  filename: str = CACHE):
   """Posterior moments of every image and its mirror image, computed once per data set and VAE.
 
   Returns {'mean', 'std'}: [N, 2, h, w, c] float32 ([:, 1] is the flipped image's).
   """
   path = workdir / filename
-  fingerprint = np.array([len(images), int(images[::max(1, len(images) // 64)].sum()),
-                          int(stage1.scale_factor * 1e6)], np.int64)
+  # The data (count, a sample of pixels) and the VAE's weights (step, scale, parameter hash).
+  fingerprint = np.array(f'images={len(images)}:{int(images[::max(1, len(images) // 64)].sum())} '
+                         f'vae {stage1.fingerprint()}')
   if path.is_file():
     with np.load(path) as f:
-      if np.array_equal(f['fingerprint'], fingerprint):
+      if 'fingerprint' in f and f['fingerprint'].dtype.kind == 'U' and str(
+          f['fingerprint']) == str(fingerprint):
         logging.info('Using the latent cache %s.', path)
         return {'mean': f['mean'], 'std': f['std']}
     logging.info('The latent cache %s belongs to other data or another VAE: rebuilding.', path)
@@ -213,9 +140,8 @@ def latent_cache(workdir: Path, stage1: Stage1, images: np.ndarray, batch_size: 
   cache = {'mean': np.concatenate(means), 'std': np.concatenate(stds)}
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)  # A fresh workdir is made here, first.
-    tmp = path.with_suffix('.tmp.npz')
-    np.savez(tmp, fingerprint=fingerprint, **cache)
-    tmp.replace(path)  # Atomic: a killed run never leaves half a cache.
+    # Atomic: a killed run never leaves half a cache.
+    atomic.write_file(path, lambda tmp: np.savez(tmp, fingerprint=fingerprint, **cache))
   logging.info('Wrote the latent cache %s (%d images).', path, len(images))
   return cache
 
@@ -228,7 +154,7 @@ class Experiment(ddpm_train.Experiment):
 
   def validate(self):
     ldm_base.validate(self.config)
-    self.stage1 = Stage1(self.config.vae_workdir)  # Fails early, naming the missing workdir.
+    self.stage1 = Codec.from_workdir(self.config.vae_workdir)  # Fails early, naming the missing workdir.
     ldm_base.validate(self.config, self.stage1.factor)
 
   def setup(self):
@@ -277,8 +203,8 @@ class Experiment(ddpm_train.Experiment):
 
   def hooks(self, writer):
     config, t = self.config, self.config.train
-    grid_fn = make_sample_fn(config, self.model, self.schedule, self.stage1,
-                             options=self.sampler_options())
+    grid_fn = sampler.for_config(config, self.model, self.schedule, self.stage1,
+                                 self.sampler_options())
     prompts = list(t.grid_prompts)
     per_prompt = max(1, t.num_grid_samples // len(prompts))
     grid_ids = self.conds.prompt_ids([p for p in prompts for _ in range(per_prompt)])
@@ -287,7 +213,7 @@ class Experiment(ddpm_train.Experiment):
                                    (len(grid_ids), u.sample_size, u.sample_size, u.in_channels))
 
     def write_grid(step, state):
-      params = self.rules.with_ema(state.params, state.ema_params)
+      params = self.rules.of_state(state)
       x = grid_fn(params, self.vae_params, jax.random.PRNGKey(config.seed + 2), grid_ids,
                   grid_noise, config.sample.guidance_scale)
       grid = imageio.captioned_grid(imageio.to_uint8(mesh_lib.gather(x)), prompts, per_prompt)

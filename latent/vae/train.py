@@ -11,13 +11,9 @@ the final checkpoint's TrainState; stage 2 reads it with `load_vae`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-from pathlib import Path
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,70 +23,15 @@ import optax
 from common import data, errors, experiment, imageio, logs, loop, mesh as mesh_lib
 from common import optim
 from common import params as params_lib
-from latent import autoencoder, lpips, vae_loss
 from latent.configs import vae_base
-
-TRAIN_COMMAND = 'python -m latent.main --config=latent/configs/vae_anime.py --workdir=...'
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jnp.ndarray
-  params: Any
-  disc_params: Any
-  opt_state: Any
-  disc_opt_state: Any
-  rng: jax.Array  # Base key: never advanced, folded with the step.
-  scale_factor: jnp.ndarray  # 1 / std of the latents; 0 until computed at the last step.
-
-
-def build_model(config: ml_collections.ConfigDict) -> autoencoder.AutoencoderKL:
-  v = config.vae
-  return autoencoder.AutoencoderKL(
-      block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
-      latent_channels=v.latent_channels, norm_groups=v.norm_groups,
-      dtype=jnp.bfloat16 if v.dtype == 'bfloat16' else jnp.float32)
-
-
-def build_discriminator(config: ml_collections.ConfigDict) -> vae_loss.NLayerDiscriminator:
-  l = config.loss
-  return vae_loss.NLayerDiscriminator(
-      l.disc_channels, l.disc_layers, l.disc_norm,
-      dtype=jnp.bfloat16 if config.vae.dtype == 'bfloat16' else jnp.float32)
-
-
-def make_optimizers(config):
-  n, rules = config.train.num_steps, params_lib.Rules(config.get('params'))
-  return (optim.make_optimizer(config.optim, n, rules),
-          optim.make_optimizer(config.disc_optim, n, rules))
-
-
-def init_state(config, model, disc, tx, disc_tx) -> TrainState:
-  rng = jax.random.PRNGKey(config.seed)
-  ae_rng, disc_rng, state_rng = jax.random.split(rng, 3)
-  size = config.data.image_size
-  # The state is initialised replicated, so threefry's partitionable mode buys nothing here,
-  # while XLA compiles its 4-D random kernels (one per conv shape) several times slower.
-  with jax.threefry_partitionable(False):
-    params = autoencoder.init_params(model, ae_rng, size)
-    disc_params = disc.init(disc_rng, jnp.zeros((1, size, size, 3)))['params']
-  rules = params_lib.Rules(config.get('params'))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, disc_params=disc_params,
-                    opt_state=tx.init(rules.split(params)[0]),
-                    disc_opt_state=disc_tx.init(rules.split(disc_params)[0]),
-                    rng=state_rng, scale_factor=jnp.zeros((), jnp.float32))
-
-
-def create_train_state(config, model, disc, tx, disc_tx, mesh) -> TrainState:
-  """Initialises the state directly in its shardings on the mesh (no host round trip)."""
-  init = functools.partial(init_state, config, model, disc, tx, disc_tx)
-  shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh,
-                                       params_lib.Rules(config.get('params')))
-  return jax.jit(init, out_shardings=shardings)()
+from latent.vae import lpips, loss as vae_loss
+from latent.vae import state as state_lib
+from latent.vae.codec import encode_images, reconstruct
+from latent.vae.state import TrainState, init_state
 
 
 def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, config, model, disc,
-               tx, disc_tx):
+               tx, disc_tx, rules: params_lib.Rules):
   """One step on a uint8 [B, H, W, 3] batch: autoencoder always, discriminator after disc_start.
 
   The autoencoder's forward pass is linearised once (jax.vjp). The losses are
@@ -103,9 +44,8 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
   adaptive weight, does too, as in LDM.
   """
   l = config.loss
-  rules = params_lib.Rules(config.get('params'))
   rng = jax.random.fold_in(state.rng, state.step)
-  x = batch.astype(jnp.float32) / 127.5 - 1.0
+  x = imageio.to_unit(batch)
 
   def forward(params):
     (recon, mean, logvar), inter = model.apply({'params': params}, x, rng,
@@ -173,15 +113,16 @@ def train_step(state: TrainState, batch: jnp.ndarray, lpips_params=None, *, conf
                        opt_state=opt_state, disc_opt_state=disc_opt_state), metrics
 
 
-def make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params=None, shardings=None):
+def make_train_step(config, model, disc, tx, disc_tx, mesh, lpips_params=None, shardings=None,
+                    rules: params_lib.Rules | None = None):
   """The jitted step(state, batch[, lpips_params]): the LPIPS weights (from load_lpips, placed
   on the mesh) are an argument, not ~59 MB of constants compiled into the program."""
+  rules = rules or params_lib.Rules(config.get('params'))
   if shardings is None:
-    init = functools.partial(init_state, config, model, disc, tx, disc_tx)
-    shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh,
-                                         params_lib.Rules(config.get('params')))
+    init = functools.partial(init_state, config, model, disc, tx, disc_tx, rules)
+    shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh, rules)
   step = functools.partial(train_step, config=config, model=model, disc=disc, tx=tx,
-                           disc_tx=disc_tx)
+                           disc_tx=disc_tx, rules=rules)
   constants = () if lpips_params is None else (
       jax.tree.map(lambda x: x.sharding, lpips_params),)
   return loop.jit_step(step, mesh, shardings, constants)
@@ -191,90 +132,6 @@ def load_lpips(config):
   """The frozen LPIPS-VGG weights (numpy) when loss.lpips_weight > 0, else None."""
   l = config.loss
   return lpips.load_params(l.lpips_weights) if l.lpips_weight > 0 else None
-
-
-# --- Encoding and decoding (what stage 2 uses) -----------------------------------------------
-
-def encode_latents(model: autoencoder.AutoencoderKL, params, scale_factor, images_uint8,
-                   rng: jax.Array | None = None) -> jnp.ndarray:
-  """uint8 [B, H, W, 3] -> scale_factor * z, z the posterior mean (rng None) or a sample.
-
-  Jittable. The scale factor was measured on posterior means (see
-  `compute_scale_factor`); with kl_weight=1e-6 the posterior std is small
-  next to the spread of the means, so samples have nearly the same scale.
-  """
-  x = jnp.asarray(images_uint8).astype(jnp.float32) / 127.5 - 1.0
-  mean, logvar = model.apply({'params': params}, x, method=model.encode)
-  z = autoencoder.mode(mean, logvar) if rng is None else autoencoder.sample(mean, logvar, rng)
-  return scale_factor * z
-
-
-def decode_latents(model: autoencoder.AutoencoderKL, params, scale_factor,
-                   latents: jnp.ndarray) -> jnp.ndarray:
-  """Scaled latents -> images in [-1, 1] (unclipped). Jittable."""
-  return model.apply({'params': params}, latents / scale_factor, method=model.decode)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_batch(model, params, scale_factor, images, rng):
-  return encode_latents(model, params, scale_factor, images, rng)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_mean_batch(model, params, scale_factor, images):
-  return encode_latents(model, params, scale_factor, images)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_batch(model, params, scale_factor, latents):
-  return decode_latents(model, params, scale_factor, latents)
-
-
-def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
-  """fn over `array` in equal batches sharded over the local mesh (last one padded)."""
-  mesh = mesh_lib.make_mesh()
-  n_dev = mesh.devices.size
-  batch = math.ceil(min(batch_size, len(array)) / n_dev) * n_dev
-  out = []
-  for i, start in enumerate(range(0, len(array), batch)):
-    chunk = np.asarray(array[start:start + batch])
-    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-    y = fn(i, jax.device_put(padded, mesh_lib.data_sharding(mesh)))
-    out.append(mesh_lib.gather(y)[:len(chunk)])
-  return np.concatenate(out)
-
-
-def encode_images(model: autoencoder.AutoencoderKL, params, scale_factor: float,
-                  images_uint8: np.ndarray, batch_size: int, sample_posterior: bool = False,
-                  rng: jax.Array | None = None) -> np.ndarray:
-  """uint8 [N, H, W, 3] -> float32 latents [N, H/f, W/f, C] = scale_factor * z.
-
-  z is the posterior mean by default (deterministic: a latent cache is
-  reproducible); `sample_posterior=True` draws z ~ q(z|x) with `rng`, as SD's
-  training scripts do.
-  """
-  scale = jnp.float32(scale_factor)
-  if sample_posterior:
-    if rng is None:
-      raise ValueError('encode_images(sample_posterior=True) needs an rng.')
-    fn = lambda i, x: _encode_batch(model, params, scale, x, jax.random.fold_in(rng, i))
-  else:
-    fn = lambda i, x: _encode_mean_batch(model, params, scale, x)
-  return _batched(fn, images_uint8, batch_size)
-
-
-def decode_images(model: autoencoder.AutoencoderKL, params, scale_factor: float,
-                  latents: np.ndarray, batch_size: int) -> np.ndarray:
-  """Scaled latents [N, h, w, C] -> uint8 images [N, h*f, w*f, 3]."""
-  scale = jnp.float32(scale_factor)
-  x = _batched(lambda i, z: _decode_batch(model, params, scale, z), latents, batch_size)
-  return imageio.to_uint8(x)
-
-
-def reconstruct(model, params, images_uint8: np.ndarray, batch_size: int) -> np.ndarray:
-  """uint8 -> uint8 through the posterior mean."""
-  latents = encode_images(model, params, 1.0, images_uint8, batch_size)
-  return decode_images(model, params, 1.0, latents, batch_size)
 
 
 def psnr(images: np.ndarray, recon: np.ndarray) -> float:
@@ -310,11 +167,9 @@ def split_eval(images: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
   return images[:-n], images[-n:]
 
 
-class Experiment(experiment.Experiment):
+class Experiment(state_lib.StateExperiment):
   """Stage 1: the autoencoder and its patch discriminator, one step for both; held-out
   PSNR and reconstruction grids; the latent scale factor after the last step."""
-  name = 'autoencoder'
-  run_keys = vae_base.RUN_KEYS
 
   def validate(self):
     vae_base.validate(self.config)
@@ -326,18 +181,9 @@ class Experiment(experiment.Experiment):
     if self.lpips_params is not None:
       self.lpips_params = mesh_lib.place(self.lpips_params, self.mesh)
 
-  @functools.cached_property
-  def nets(self):
-    return (build_model(self.config), build_discriminator(self.config), *make_optimizers(self.config))
-
-  def init_state(self):
-    return init_state(self.config, *self.nets)
-
-  def param_trees(self, state):
-    return {'autoencoder': state.params, 'discriminator': state.disc_params}
-
   def make_step(self, shardings):
-    return make_train_step(self.config, *self.nets, self.mesh, self.lpips_params, shardings)
+    return make_train_step(self.config, *self.nets, self.mesh, self.lpips_params, shardings,
+                           self.rules)
 
   def batches(self, start):
     return data.BatchIterator(self.train_images, self.config.train.batch_size,
@@ -402,35 +248,3 @@ def _store_scale_factor(state, model, train_images, config, ckpt, writer) -> Tra
   return state
 
 
-# --- Loading a trained stage 1 ---------------------------------------------------------------
-
-def load_vae(workdir: str | Path):
-  """(model, params, scale_factor, config) of a finished stage-1 run, read-only.
-
-  Reads WORKDIR/config.json (written by train_and_evaluate) and restores the
-  latest checkpoint without touching the workdir.
-  """
-  workdir = Path(workdir)
-  config_file = workdir / 'config.json'
-  how_to_train = f'train stage 1 first: {TRAIN_COMMAND.replace("...", str(workdir))}'
-  if not config_file.exists():
-    raise errors.MissingFileError(f'No stage-1 autoencoder in {workdir} (no config.json): '
-                            f'{how_to_train}')
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  if config.get('stage') != 'vae':
-    raise errors.ConfigError(f'{config_file} is a {config.get("stage")!r} config, not a stage-1 (vae) one.')
-  exp = Experiment(config)
-  # This process's devices, whatever mesh stage 1 trained on (its config.json's mesh.fsdp may
-  # not divide them); stage 2 then places the weights on its own mesh.
-  exp.mesh = mesh_lib.make_mesh()
-  state = experiment.restore_for_sampling(exp, workdir, how_to_train)
-  model = exp.nets[0]
-  scale_factor = float(state.scale_factor)
-  if not scale_factor > 0:
-    raise errors.ConfigError(
-        f'The stage-1 run in {workdir} has no latent scale factor (it is computed at the last '
-        f'step, {config.train.num_steps}; the checkpoint is at step {int(state.step)}): finish '
-        f'it by rerunning {TRAIN_COMMAND.replace("...", str(workdir))} with its config.')
-  logging.info('Loaded the stage-1 autoencoder of step %d from %s (scale factor %.5f).',
-               int(state.step), workdir, scale_factor)
-  return model, state.params, scale_factor, config

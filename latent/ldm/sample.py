@@ -12,7 +12,6 @@ pixels are generated, black ones kept from the picture.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,9 +21,14 @@ import numpy as np
 from PIL import Image
 
 from common import errors, experiment, imageio, logs, lora, mesh as mesh_lib
-from latent import conditions as conditions_lib
-from latent import controlnet, embeddings, hypernetwork, train, vae_train
 from latent.configs import ldm_base
+from latent.controlnet import maps as maps_lib
+from latent.controlnet import model as controlnet_lib
+from latent.finetune import embeddings, hypernetwork
+from latent.finetune import experiment as finetune_lib
+from latent.ldm import conditions as conditions_lib
+from latent.ldm import sampler, train
+from latent.vae.codec import Codec, encode_images
 
 
 def restore(config, workdir: str | Path, use_ema: bool = True):
@@ -38,17 +42,16 @@ def restore(config, workdir: str | Path, use_ema: bool = True):
 def restore_experiment(config, workdir: str | Path, use_ema: bool = True):
   """(the run's Experiment, its parameters with the sample.* files applied)."""
   if config.stage == 'finetune':
-    from latent import finetune  # pylint: disable=g-import-not-at-top
-    exp = finetune.for_sampling(config, workdir)
+    exp = finetune_lib.for_sampling(config, workdir)
   else:
     exp = train.Experiment(config)
-    exp.stage1 = train.Stage1(config.vae_workdir)
+    exp.stage1 = Codec.from_workdir(config.vae_workdir)
     exp.conds = conditions_lib.Conditions.load(workdir)
   state = experiment.restore_for_sampling(
       exp, workdir, 'train first with --mode=train and the same --workdir.')
   logging.info('Sampling with the %s parameters of step %d.', 'EMA' if use_ema else 'raw',
                int(state.step))
-  params = exp.rules.with_ema(state.params, state.ema_params) if use_ema else state.params
+  params = exp.rules.of_state(state, use_ema)
   s = config.sample
   params = lora.apply_files(params, s.adapters)
   files = [s.embeddings] if isinstance(s.embeddings, str) else list(s.embeddings)
@@ -96,27 +99,31 @@ def read_control(config, n: int, size: int) -> np.ndarray | None:
     maps = pictures
   else:
     c = config.controlnet
-    maps = controlnet.control_maps(pictures, c.detector, c.low_threshold, c.high_threshold,
+    maps = maps_lib.control_maps(pictures, c.detector, c.low_threshold, c.high_threshold,
                                    c.thickness)
   return np.resize(maps, (n, *maps.shape[1:]))  # Cycles over the pictures.
 
 
-def read_mask(path: str | Path, latent_size: int) -> np.ndarray:
+def read_mask(path: str | Path, image_size: int, latent_size: int) -> np.ndarray:
   """keep [1, h, w, 1] float32 on the latent grid: 1 where the mask is dark (keep the picture).
 
-  A latent pixel is kept only if its whole image patch is dark, so no generated
-  pixel is overwritten.
+  diffusers' inpainting pipelines' rule, so the same picture and mask give the same latent
+  mask: the mask is resized to the image (Lanczos), made grayscale, binarised at 0.5 (white
+  = repaint), then resized to the latent grid by nearest neighbour (torch's
+  `interpolate(mode='nearest')` in `prepare_mask_latents`: the top-left pixel of each patch).
   """
   path = Path(path)
   if not path.is_file():
     raise errors.MissingFileError(f'sample.mask {path} does not exist.')
   try:
     with Image.open(path) as img:
-      gray = img.convert('L').resize((latent_size, latent_size), Image.Resampling.BOX,
-                                     reducing_gap=None)
+      gray = img.resize((image_size, image_size), Image.Resampling.LANCZOS).convert('L')
   except OSError as e:
     raise errors.DataError(f'sample.mask {path} is not a readable image ({e}).') from e
-  return (np.asarray(gray, np.float32) < 128).astype(np.float32)[None, :, :, None]
+  repaint = np.asarray(gray, np.float32) / 255.0 >= 0.5
+  index = np.arange(latent_size) * image_size // latent_size  # torch's nearest source rows.
+  repaint = repaint[index][:, index]
+  return (~repaint).astype(np.float32)[None, :, :, None]
 
 
 def read_picture_and_mask(s, n: int, image_size: int, latent_size: int):
@@ -128,7 +135,8 @@ def read_picture_and_mask(s, n: int, image_size: int, latent_size: int):
   pictures = np.resize(pictures, (n, *pictures.shape[1:]))  # Cycles over the pictures.
   keep = None
   if s.mask:
-    keep = np.broadcast_to(read_mask(s.mask, latent_size), (n, latent_size, latent_size, 1))
+    keep = np.broadcast_to(read_mask(s.mask, image_size, latent_size),
+                           (n, latent_size, latent_size, 1))
   return pictures, keep
 
 
@@ -152,63 +160,8 @@ def write_control_grid(maps: np.ndarray | None, images: np.ndarray, out: Path) -
   if maps is None or jax.process_index() != 0:
     return
   grid = out.parent / f'{out.name}_control_grid.png'
-  imageio.save_image(controlnet.control_grid(maps, images), grid)
+  imageio.save_image(maps_lib.control_grid(maps, images), grid)
   logging.info('Wrote the control maps beside their images to %s.', grid)
-
-
-def generate_from_pipeline(config, workdir: str | Path) -> Path:
-  """Text-to-image, image-to-image or inpainting with a Stable Diffusion pipeline folder
-  (latent/configs/sd_pipeline.py)."""
-  from latent import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from latent.configs import sd_pipeline  # pylint: disable=g-import-not-at-top
-  sd_pipeline.validate(config)
-  s = config.sample
-  out = Path(s.output_dir or Path(workdir) / 'samples')
-  prompts = read_prompts(s)
-  with logs.Timed(f'loading the pipeline {config.pipeline}'):
-    pipe = pipeline_lib.load(config.pipeline, jnp.bfloat16 if config.dtype == 'bfloat16'
-                             else jnp.float32)
-  if s.adapters:  # LoRA files name the U-Net's modules under 'unet.', as diffusers' do.
-    unet = lora.apply_files({'unet': pipe.unet_params}, s.adapters)['unet']
-    pipe = dataclasses.replace(pipe, unet_params=unet)
-  pipe = pipeline_lib.with_embeddings(pipe, s.embeddings)
-  all_prompts = [p for p in prompts for _ in range(s.num_per_prompt)]
-  n, size, channels = len(all_prompts), pipe.unet.sample_size, pipe.vae.latent_channels
-  pictures, keep = read_picture_and_mask(s, n, size * pipe.vae.downsampling_factor, size)
-  init_z0 = masked_z0 = None
-  if pictures is not None:
-    init_z0 = pipeline_lib.encode_images(pipe, pictures, batch_size=s.batch_size)
-  if keep is not None and pipe.unet.in_channels > channels:  # An inpainting U-Net sees the
-    masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)  # masked picture.
-  maps, cn = read_control(config, n, size * pipe.vae.downsampling_factor), None
-  if maps is not None:
-    cn = controlnet.load(config.controlnet.folder, pipe.unet, pipe.unet_params,
-                         pipe.text_encoder.hidden_size, pipe.vae.downsampling_factor,
-                         pipe.unet.dtype)
-  sample_fn = pipeline_lib.make_sample_fn(pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
-                                          strength=s.strength if s.init_image else 1.0,
-                                          inpaint=keep is not None, controlnet=cn,
-                                          guess_mode=s.guess_mode)
-  negative = pipeline_lib.encode_prompts(pipe, [s.negative_prompt])
-  rng, images = jax.random.PRNGKey(s.seed), []
-  with logs.Timed(f'sampling {n} images with {s.sampler} x{s.num_steps} '
-                  '(the first batch compiles the sampler)'):
-    for i in range(0, n, s.batch_size):
-      rng, noise_rng, step_rng = jax.random.split(rng, 3)
-      batch = all_prompts[i:i + s.batch_size]
-      noise = jax.random.normal(noise_rng, (len(batch), size, size, channels))
-      context = pipeline_lib.encode_prompts(pipe, batch)
-      part = lambda a: None if a is None else jnp.asarray(a[i:i + len(batch)])
-      control = None if maps is None else controlnet.as_input(maps[i:i + len(batch)])
-      x, _ = sample_fn(noise, context, jnp.repeat(negative, len(batch), axis=0),
-                       jnp.float32(s.guidance_scale), step_rng, part(init_z0), part(keep),
-                       part(masked_z0), control, s.control_scale)
-      images.append(imageio.to_uint8(mesh_lib.gather(x)))
-  images = np.concatenate(images)
-  write_captioned(images, prompts, s.num_per_prompt, out, lambda p: p, s.guidance_scale)
-  write_control_grid(maps, images, out)
-  logging.info('Wrote %d images for %d prompts to %s.', len(all_prompts), len(prompts), out)
-  return out
 
 
 def generate(config, workdir: str | Path) -> Path:
@@ -231,12 +184,12 @@ def generate(config, workdir: str | Path) -> Path:
                     'steers nothing without a control image).')
   init_z0, strength = None, 1.0
   if pictures is not None:
-    init_z0 = vae_train.encode_images(stage1.model, stage1.params, stage1.scale_factor,
-                                      pictures, s.batch_size)  # Posterior means, scaled.
+    init_z0 = encode_images(stage1.model, stage1.params, stage1.scale_factor, pictures,
+                            s.batch_size)  # Posterior means, scaled.
     strength = s.strength
-  sample_fn = train.make_sample_fn(config, model, exp.schedule, stage1, strength=strength,
-                                   inpaint=keep is not None, options=exp.sampler_options(),
-                                   guess_mode=bool(s.get('guess_mode')))
+  sample_fn = sampler.for_config(config, model, exp.schedule, stage1, exp.sampler_options(),
+                                 strength=strength, inpaint=keep is not None,
+                                 guess_mode=bool(s.get('guess_mode')))
 
   rng = jax.random.PRNGKey(s.seed)
   images = []
@@ -247,7 +200,7 @@ def generate(config, workdir: str | Path) -> Path:
       b = min(s.batch_size, n - i)
       noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
       part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
-      control = None if maps is None else controlnet.as_input(maps[i:i + b])
+      control = None if maps is None else controlnet_lib.as_input(maps[i:i + b])
       x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
                     s.guidance_scale, part(init_z0), part(keep), control,
                     s.get('control_scale', 1.0))

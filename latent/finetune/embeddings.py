@@ -16,8 +16,8 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from common import errors
-from latent import conditions as conditions_lib
+from common import atomic, errors
+from latent.ldm import conditions as conditions_lib
 
 FILENAME = 'learned_embeds.safetensors'
 PARAM = 'added_token_embedding'
@@ -48,10 +48,8 @@ def save(path: str | Path, tokens: list[str], rows) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   rows = np.asarray(rows, np.float32)
-  tmp = path.with_suffix('.tmp')
-  save_file({t: np.ascontiguousarray(rows[i:i + 1]) for i, t in enumerate(tokens)}, str(tmp))
-  tmp.replace(path)
-  return path
+  tensors = {t: np.ascontiguousarray(rows[i:i + 1]) for i, t in enumerate(tokens)}
+  return atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load(path: str | Path, width: int) -> dict[str, np.ndarray]:

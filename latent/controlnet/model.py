@@ -14,8 +14,8 @@ output (`ddpm.models.UNet(control=...)`), so a fresh ControlNet, its encoder cop
 the base (`init_params`), leaves the base model's output exactly unchanged.
 
 Control images are float [B, H, W, C] in [0, 1] at the pixel resolution, as diffusers'
-pipelines feed them; `control_maps` makes them from any picture (Canny edges, scribbles),
-so any image folder is training data.
+pipelines feed them (`as_input`); `latent.controlnet.maps` makes them from any picture
+(Canny edges, scribbles), so any image folder is training data.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import errors, imageio
+from common import errors
 from ddpm import convert
-from ddpm.models import _conv
-from latent.configs.ldm_base import DETECTORS, SD_EMBEDDING_CHANNELS
-from latent.unet import ConditionalUNet
+from ddpm.models import conv
+from latent.configs.ldm_base import SD_EMBEDDING_CHANNELS
+from latent.ldm.unet import ConditionalUNet
+from latent.sd import config as sd_config
 
 FOLDER = 'controlnet'  # A run's ControlNet as a diffusers ControlNetModel folder.
 SHARED = ('conv_in', 'time_embedding', 'down_blocks_', 'mid_block.')  # Copied from the U-Net.
@@ -52,10 +53,10 @@ class ConditioningEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x):
     chans = tuple(self.block_out_channels)
-    x = nn.silu(_conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype)))
+    x = nn.silu(conv(chans[0], 'conv_in', self.dtype)(x.astype(self.dtype)))
     for i in range(len(chans) - 1):
-      x = nn.silu(_conv(chans[i], f'blocks_{2 * i}', self.dtype)(x))
-      x = nn.silu(_conv(chans[i + 1], f'blocks_{2 * i + 1}', self.dtype, stride=2)(x))
+      x = nn.silu(conv(chans[i], f'blocks_{2 * i}', self.dtype)(x))
+      x = nn.silu(conv(chans[i + 1], f'blocks_{2 * i + 1}', self.dtype, stride=2)(x))
     return nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                    kernel_init=nn.initializers.zeros, name='conv_out')(x)
 
@@ -168,8 +169,7 @@ def check_fits(controlnet_params, unet_params) -> None:
 
 def diffusers_config(controlnet: ControlNet, cross_attention_dim: int) -> dict:
   """ControlNetModel's constructor arguments for our ControlNet."""
-  from latent import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = pipeline.unet_diffusers_config(controlnet, cross_attention_dim)
+  cfg = sd_config.unet_diffusers_config(controlnet, cross_attention_dim)
   for key in ('up_block_types', 'out_channels', 'sample_size'):
     cfg.pop(key)
   return dict(cfg, conditioning_channels=controlnet.conditioning_channels,
@@ -204,7 +204,6 @@ def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_wi
   latent channels, context width; with `vae_factor`, the control image's downsampling) is
   checked against the base before any weights are read.
   """
-  from latent import pipeline  # pylint: disable=g-import-not-at-top
   folder = Path(folder)
   path = folder / 'config.json'
   if not path.is_file():
@@ -230,9 +229,9 @@ def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_wi
     raise errors.ConfigError(
         f'{path}: conditioning_embedding_out_channels={embedding} downsamples the control '
         f'image {2 ** (len(embedding) - 1)}x; this pipeline\'s VAE factor is {vae_factor}.')
-  base_cfg = pipeline.unet_diffusers_config(unet, context_width or cfg['cross_attention_dim'])
+  base_cfg = sd_config.unet_diffusers_config(unet, context_width or cfg['cross_attention_dim'])
   try:
-    theirs = pipeline.unet_from_config(
+    theirs = sd_config.unet_from_config(
         dict(cfg, sample_size=unet.sample_size, out_channels=unet.out_channels,
              up_block_types=base_cfg['up_block_types']), unet.dtype)
   except KeyError as e:
@@ -263,70 +262,6 @@ def load(folder: str | Path, unet: ConditionalUNet, unet_params=None, context_wi
   return controlnet, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
-# ---- control maps from pictures ----------------------------------------------------------------
-
-
-
-def canny(images: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-  """OpenCV's Canny edges of uint8 [N, H, W, 3] pictures: uint8 [N, H, W, 3], edges 255 (as
-  controlnet_aux's CannyDetector gives SD's canny ControlNet)."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  edges = np.stack([cv2.Canny(np.ascontiguousarray(img), low, high) for img in images])
-  return np.repeat(edges[..., None], 3, axis=-1)
-
-
-def scribble(images: np.ndarray, low: int = 100, high: int = 200,
-             thickness: int = 0) -> np.ndarray:
-  """A scribble-like map: Canny edges of the blurred picture, thickened (dilated) by
-  `thickness` pixels (0 = 1/64 of the side, at least 1) and thresholded: bold strokes of
-  the main shapes, close to what a person draws."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  side = images.shape[1]
-  thickness = thickness or max(1, side // 64)
-  kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * thickness + 1,) * 2)
-  out = []
-  for img in images:
-    blurred = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), max(0.5, side / 128))
-    edges = cv2.dilate(cv2.Canny(blurred, low, high), kernel)
-    out.append(np.where(edges > 127, 255, 0).astype(np.uint8))
-  return np.repeat(np.stack(out)[..., None], 3, axis=-1)
-
-
-def control_maps(images: np.ndarray, detector: str, low: int = 100, high: int = 200,
-                 thickness: int = 0) -> np.ndarray:
-  """uint8 control maps [N, H, W, 3] of uint8 pictures with `detector` (DETECTORS)."""
-  if detector == 'canny':
-    return canny(images, low, high)
-  if detector == 'scribble':
-    return scribble(images, low, high, thickness)
-  raise ValueError(f'detector {detector!r} is not one of {DETECTORS}.')
-
-
 def as_input(maps_uint8) -> jnp.ndarray:
   """uint8 maps -> the ControlNet's float input in [0, 1]."""
   return jnp.asarray(maps_uint8, jnp.float32) / 255.0
-
-
-def control_grid(maps: np.ndarray, images: np.ndarray, pairs_per_row: int = 4) -> np.ndarray:
-  """uint8 grid of (control map | image) pairs, `pairs_per_row` pairs a row."""
-  both = np.stack([maps, images], axis=1).reshape(-1, *images.shape[1:])
-  return imageio.make_grid(both, ncol=2 * min(pairs_per_row, len(images)))
-
-
-def edge_f1(edges: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> np.ndarray:
-  """Per-image F1 of binary edge maps [N, H, W] against reference ones, an edge pixel
-  counting as matched when the other map has one within `tolerance` pixels (Chebyshev):
-  precision over `edges`, recall over `reference`. An image with no edge in either is 1."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  kernel = np.ones((2 * tolerance + 1,) * 2, np.uint8)
-  scores = []
-  for e, r in zip(edges.astype(bool), reference.astype(bool)):
-    if not e.any() and not r.any():
-      scores.append(1.0)
-      continue
-    near_r = cv2.dilate(r.astype(np.uint8), kernel).astype(bool)
-    near_e = cv2.dilate(e.astype(np.uint8), kernel).astype(bool)
-    precision = (e & near_r).sum() / max(1, e.sum())
-    recall = (r & near_e).sum() / max(1, r.sum())
-    scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
-  return np.asarray(scores)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddpm import models
-from latent.attention import Transformer2D
+from latent.ldm.attention import Transformer2D
 
 
 class ConditionalUNet(models.UNet):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import errors
+from common import atomic, config as config_lib, errors
 
 KEY = 'hypernetwork'
 ACTIVATION = 'relu'
@@ -112,11 +112,8 @@ def save(path: str | Path, tree: dict, multipliers: Sequence[int]) -> Path:
         tensors[f'{width}.{name}.linear.{i}.weight'] = np.ascontiguousarray(
             np.asarray(p['kernel'], np.float32).T)
         tensors[f'{width}.{name}.linear.{i}.bias'] = np.asarray(p['bias'], np.float32)
-  tmp = path.with_suffix('.tmp')
-  save_file(tensors, str(tmp), metadata={'layer_structure': json.dumps(list(multipliers)),
-                                         'activation_func': ACTIVATION})
-  tmp.replace(path)
-  return path
+  metadata = {'layer_structure': json.dumps(list(multipliers)), 'activation_func': ACTIVATION}
+  return atomic.write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load(path: str | Path, width: int | None = None) -> dict:
@@ -152,6 +149,5 @@ def apply_file(params: dict, spec: str, width: int, key: str = 'sample.hypernetw
   """`params` with the hypernetwork of 'PATH[:STRENGTH]' (replacing any it had)."""
   if not spec:
     return params
-  from common import config as config_lib  # pylint: disable=g-import-not-at-top
   path, strength = config_lib.parse_weighted_path(spec, key)
   return {**params, KEY: scaled(load(path, width), strength)}

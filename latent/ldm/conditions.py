@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 
 from common import errors
-from latent import text as text_lib
-from latent import unet as unet_lib
+from latent.ldm import text as text_lib
+from latent.ldm import unet as unet_lib
 
 
 FILENAME = 'conditioning.json'

@@ -10,7 +10,7 @@ norms of the reconstruction and GAN losses with respect to the decoder's last
 layer, so the GAN term neither swamps nor vanishes next to the reconstruction.
 The GAN terms are switched on after `disc_start` steps (in vae_train).
 With lpips_weight > 0 the reconstruction term also has LDM's LPIPS-VGG
-perceptual distance (latent/lpips.py; user-converted weights, see check_lpips).
+perceptual distance (latent/vae/lpips.py; user-converted weights, see check_lpips).
 
 Pure functions, plus the discriminator module.
 """
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from common.layers import GroupNorm
-from latent import autoencoder
+from latent.vae import autoencoder
 # The choice lists and the jax-free checks live with the config (latent/configs/vae_base.py),
 # which validates them before any compute; re-exported here for the model code.
 from latent.configs.vae_base import (  # pylint: disable=unused-import

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import errors
+from ddpm import convert
 from common.layers import dense, dot_product_attention, gelu
 
 ACTIVATIONS = {
@@ -125,7 +126,6 @@ def from_config(cfg: dict, dtype=jnp.float32) -> CLIPTextModel:
 
 def params_from_state_dict(state: dict[str, np.ndarray], model: CLIPTextModel) -> dict:
   """A CLIPTextModel state dict (numpy; with or without the 'text_model.' prefix) -> params."""
-  from ddpm import convert  # pylint: disable=g-import-not-at-top
   state = {k.removeprefix('text_model.'): v for k, v in state.items()
            if not k.endswith('position_ids')}  # A buffer, not a weight.
   # Our position table is a bare parameter: give it the name the converter maps to 'weight'.
@@ -143,7 +143,6 @@ def params_from_state_dict(state: dict[str, np.ndarray], model: CLIPTextModel) -
 
 def load(folder: str | Path, dtype=jnp.float32) -> tuple[CLIPTextModel, dict]:
   """(model, params) of a pipeline's text_encoder/ folder (config.json + model.safetensors)."""
-  from ddpm import convert  # pylint: disable=g-import-not-at-top
   folder = Path(folder)
   hint = ('expected a CLIPTextModel folder written by save_pretrained() (a Stable Diffusion '
           'pipeline\'s text_encoder/). Download the pipeline on a machine with network access, '
@@ -158,7 +157,6 @@ def save(folder: str | Path, model: CLIPTextModel, params, config: dict) -> Path
   """A text_encoder/ folder transformers' CLIPTextModel.from_pretrained opens: `config` (the
   loaded config.json) and model.safetensors; added tokens' rows join the table."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from ddpm import convert  # pylint: disable=g-import-not-at-top
   params = dict(params)
   positions = np.asarray(params.pop('embeddings.position_embedding'), np.float32)
   added = params.pop('added_token_embedding', None)
