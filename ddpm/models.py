@@ -152,7 +152,7 @@ class UNet(nn.Module):
             for i in range(len(self.block_out_channels))]
 
   def attend(self, name: str, h, context, context_mask):
-    """The attention block after a resnet. Subclasses (latent.unet) put cross-attention here."""
+    """The attention block after a resnet. Subclasses (latent.ldm.unet) put cross-attention here."""
     del context, context_mask  # The unconditional model attends to itself only.
     return self.block(AttentionBlock)(self.head_dim, self.norm_groups, self.norm_eps, self.dtype,
                                       name=name)(h)
@@ -205,7 +205,7 @@ class UNet(nn.Module):
   def __call__(self, x, t, train: bool = False, context=None, context_mask=None, control=None):
     """eps/x0/v prediction for x [B, H, W, C] at t [B]; `context` [B, L, D] (with
     `context_mask` [B, L]) is the conditioning sequence of cross-attention subclasses.
-    `control` = (down residuals, mid residual), a ControlNet's output (latent.controlnet),
+    `control` = (down residuals, mid residual), a ControlNet's output (latent.controlnet.model),
     is added to the skip connections and to the mid block's output, as diffusers'
     down_block_additional_residuals / mid_block_additional_residual."""
     chans = tuple(self.block_out_channels)

@@ -1,10 +1,10 @@
-"""Latent diffusion (Rombach et al. 2022) in JAX/Flax, in two stages.
+"""Latent diffusion (Rombach et al. 2022) in JAX/Flax: one subpackage per product.
 
-Stage 1 (`autoencoder`, `vae_loss`, `lpips`, `vae_train`): a KL-regularised
-autoencoder shaped like diffusers' AutoencoderKL. Stage 2 (`attention`, `unet`,
-`text`, `conditions`, `guidance`, `train`, `sample`): ddpm's U-Net with spatial
-transformers that cross-attend to a text or class context, trained on the
-frozen autoencoder's latents with classifier-free guidance; sampling covers
-text-to-image, image-to-image and inpainting with ddpm's samplers.
-`main` runs either stage from the ml_collections files in `configs/`.
+`vae/` (stage 1: the KL autoencoder shaped like diffusers' AutoencoderKL, its losses,
+LPIPS, training, and the codec stage 2 reads), `ldm/` (stage 2: ddpm's U-Net with spatial
+transformers cross-attending to a text or class context, classifier-free guidance, the one
+guided sampler every product uses), `sd/` (Stable Diffusion pipeline folders in and out),
+`controlnet/` (ControlNet and its control maps), `finetune/` (LoRA, DreamBooth, textual
+inversion, hypernetworks, ControlNet training on a text LDM or a pipeline).
+`main` runs any stage from the ml_collections files in `configs/`.
 """

@@ -17,8 +17,8 @@ from common import checkpoint, data, mesh as mesh_lib  # pylint: disable=wrong-i
 from ddpm import train  # pylint: disable=wrong-import-position
 from latent.ldm import train as ldm_train  # pylint: disable=wrong-import-position
 from latent.configs import ldm_base  # pylint: disable=wrong-import-position
-from latent.ldm.unet import ClassEncoder, ConditionalUNet, LatentDenoiser  # pylint: disable=wrong-import-position
 from test_ddpm_train import tiny_config  # pylint: disable=wrong-import-position
+from test_latent_ldm import tiny_cached_ldm  # pylint: disable=wrong-import-position
 
 LAYOUTS = {'1 device': (1, 1), 'data=8': (8, 1), 'data=2 fsdp=4': (2, 4), 'fsdp=8': (1, 8)}
 
@@ -57,7 +57,7 @@ def ddpm_case():
   return out, state_bytes
 
 
-class FakeStage1:
+class FakeCodec:
   """Stands in for the VAE: the LDM step reads cached posterior moments, not images."""
   scale_factor = 0.5
 
@@ -72,18 +72,11 @@ def ldm_case():
   config.model.head_dim = 8
   config.model.norm_groups = 8
   config.diffusion.num_timesteps = 100
-  unet = ConditionalUNet(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                         layers_per_block=1, attention_resolutions=(4,), head_dim=8, norm_groups=8,
-                         name='unet')
-  model = LatentDenoiser(unet, ClassEncoder(10, 32), 1, 32)
+  model, batch = tiny_cached_ldm()
   schedule, tx = train.build_schedule(config), train.make_optimizer(config)
-  rng = np.random.default_rng(0)
-  batch = {'ids': rng.integers(0, 10, (16, 1)).astype(np.int32),
-           'mean': rng.standard_normal((16, 2, 8, 8, 4)).astype(np.float32),
-           'std': np.full((16, 2, 8, 8, 4), 0.1, np.float32)}
   init = lambda: ldm_train.init_state(config, model, tx)
   step_fn = lambda state, b, vae: ldm_train.train_step(
-      state, b, vae, config=config, model=model, schedule=schedule, tx=tx, stage1=FakeStage1(),
+      state, b, vae, config=config, model=model, schedule=schedule, tx=tx, stage1=FakeCodec(),
       rules=train.rules_of(config))
   out = {}
   for name, (d, f) in LAYOUTS.items():

@@ -1,4 +1,4 @@
-"""ControlNet (latent/controlnet.py): parity with diffusers' ControlNetModel, the zero-convolution
+"""ControlNet (latent/controlnet/): parity with diffusers' ControlNetModel, the zero-convolution
 start, its folder in and out, control maps and the edge-agreement score.
 
 The end-to-end training run on a tiny text LDM is in tests/test_latent_finetune.py, beside

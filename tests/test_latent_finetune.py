@@ -1,4 +1,4 @@
-"""Fine-tuning a text LDM on a concept (latent/finetune.py): what each method trains and
+"""Fine-tuning a text LDM on a concept (latent/finetune/): what each method trains and
 writes, what stays bit-identical, sampling with its artefact, and bad input.
 
 A tiny digits VAE and text LDM (the base: "digit seven" captions) are trained once for

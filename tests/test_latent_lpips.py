@@ -1,4 +1,4 @@
-"""LPIPS-VGG (latent/lpips.py): parity with the `lpips` package, its weights file, and its use in stage 1."""
+"""LPIPS-VGG (latent/vae/lpips.py): parity with the `lpips` package, its weights file, and its use in stage 1."""
 
 import re
 

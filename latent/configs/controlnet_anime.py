@@ -2,7 +2,7 @@
 
 The base (ldm_anime_text.py's run) stays frozen; a trainable copy of its U-Net encoder
 reads each face's edge map (made once from the images, mirrored with them) and steers
-the frozen U-Net through zero-initialised convolutions (latent/controlnet.py):
+the frozen U-Net through zero-initialised convolutions (latent/controlnet/model.py):
 
   python -m latent.main --config=latent/configs/controlnet_anime.py --workdir=runs/cn_anime \
       --config.base_workdir=runs/ldm_text

@@ -8,7 +8,7 @@ The base is a stage-2 text LDM workdir; its architecture (model, conditioning,
 diffusion, vae_workdir and data.image_size) is read from its config.json, so those
 keys are not in this config. Or it is a Stable Diffusion pipeline folder
 (--config.pipeline=DIR): its scheduler gives the prediction type and its U-Net the
-image size. `method` picks what trains (latent/finetune.py):
+image size. `method` picks what trains (latent/finetune/experiment.py):
 
   lora               low-rank adapters on the U-Net's attention projections (lora.*)
   dreambooth         the whole U-Net (and with finetune.train_text_encoder the text encoder),
@@ -107,7 +107,7 @@ def instance_prompt(config) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """The fine-tuning keys; the LDM keys once the base's are merged in (latent.finetune)."""
+  """The fine-tuning keys; the LDM keys once the base's are merged in (latent.finetune.experiment)."""
   config_lib.check_keys(config, get_config_with_base())
   config_lib.check_choice(config.stage, ('finetune',), 'stage')
   config_lib.check_choice(config.method, METHODS, 'method')

@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 # ---- ControlNet keys (finetune_base.py's method=controlnet, sd_pipeline.py) ----------------
 
-DETECTORS = ('canny', 'scribble')  # latent.controlnet.control_maps.
+DETECTORS = ('canny', 'scribble')  # latent.controlnet.maps.control_maps.
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet embedding (VAE factor 8).
 
 
@@ -85,7 +85,7 @@ def control_config() -> ml_collections.ConfigDict:
   """How control maps are made from pictures (training data, sample.control_image): the
   `controlnet` keys shared with sd_pipeline.py."""
   n = ml_collections.ConfigDict()
-  n.detector = 'canny'             # canny, scribble (latent.controlnet.control_maps).
+  n.detector = 'canny'             # canny, scribble (latent.controlnet.maps.control_maps).
   n.low_threshold = 100            # Canny's hysteresis thresholds (both detectors).
   n.high_threshold = 200
   n.thickness = 0                  # Scribble stroke half-width in pixels (0 = side / 64).

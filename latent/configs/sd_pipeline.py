@@ -6,7 +6,7 @@ inpainting. Every key + validate.
       --config.sample.prompts="('a watercolor fox',)" --config.sample.negative_prompt=blurry
 
 The folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is read
-by latent.pipeline; its scheduler_config.json gives the betas, prediction type and timestep
+by latent.sd.pipeline; its scheduler_config.json gives the betas, prediction type and timestep
 settings. Images go to OUT_DIR/samples/1.jpg ... with captions.tsv and a captioned grid.
 Add --config.sample.init_image=PICTURE_OR_FOLDER (and --config.sample.strength) for
 image-to-image, and --config.sample.mask=MASK (white = generate) for inpainting; an

@@ -5,7 +5,7 @@ offending key.
 
 Imports no model code (only `common`): the loss choice lists and the jax-free
 checks (`discriminator_output_size`, `check_lpips`) are defined here, and
-`latent.vae_loss` imports them from here.
+`latent.vae.loss` imports them from here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common import data, errors, mesh, optim, params
 from common import config as config_lib
 
 DTYPES = ('float32', 'bfloat16')
-REC_LOSSES = ('l1', 'l2', 'l1+l2')  # Summed over pixels, as LDM (latent.vae_loss).
+REC_LOSSES = ('l1', 'l2', 'l1+l2')  # Summed over pixels, as LDM (latent.vae.loss).
 DISC_NORMS = ('group', 'none')      # The patch discriminator's norm (no BatchNorm: see vae_loss).
 
 # LPIPS-VGG's converted weights (.npz), as latent/vae/lpips.py makes and loads them: the arrays of
@@ -47,7 +47,7 @@ def discriminator_output_size(image_size: int, num_layers: int) -> int:
 
 
 def lpips_convert_command(out: str | os.PathLike = 'lpips_vgg.npz') -> str:
-  """The command that makes the LPIPS-VGG .npz (latent.lpips.convert_command is this)."""
+  """The command that makes the LPIPS-VGG .npz (latent.vae.lpips.convert_command is this)."""
   return (f'{_LPIPS_CONVERT.format(out=out)} (vgg16-397923af.pth: {VGG16_URL}; vgg.pth: '
           'lpips/weights/v0.1/vgg.pth inside the `lpips` wheel, used when --lin is left out '
           'and lpips is installed)')

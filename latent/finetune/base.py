@@ -108,6 +108,12 @@ def resolve_pipeline(config: ml_collections.ConfigDict) -> int:
     for key in finetune_base.FROM_BASE:
       config[key] = defaults[key]
   vae_factor = 2 ** (len(vae_cfg['block_out_channels']) - 1)
+  latents = vae_cfg.get('latent_channels', 4)
+  if unet_cfg.get('in_channels', latents) != latents:
+    raise errors.ConfigError(
+        f'{folder / "unet"} takes {unet_cfg["in_channels"]} input channels (an inpainting '
+        f'U-Net: latents, mask and masked picture), not the VAE\'s {latents}: fine-tuning '
+        'here trains text-to-image U-Nets; sample it with latent/configs/sd_pipeline.py.')
   config.conditioning.width = unet_cfg['cross_attention_dim']
   config.diffusion.prediction = options['prediction']
   config.diffusion.num_timesteps = len(schedule.betas)

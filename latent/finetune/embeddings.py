@@ -1,5 +1,5 @@
 """Textual-inversion embeddings (Gal et al. 2022): new tokens for a trained text encoder
-(ours, latent.text, or a pipeline's CLIP, latent.clip).
+(ours, latent.ldm.text, or a pipeline's CLIP, latent.sd.clip).
 
 A placeholder token ("sks") is appended to the vocabulary (`Conditions.with_tokens`)
 and its embedding row is the text encoder's `added_token_embedding` parameter, the

@@ -1,33 +1,22 @@
-"""Fine-tuning a trained text LDM on a concept: LoRA, DreamBooth, textual inversion, hypernetworks.
+"""Fine-tuning a trained text LDM on a concept: LoRA, DreamBooth, textual inversion,
+hypernetworks, ControlNet.
 
-One `Experiment` (stage 'finetune', latent/configs/finetune_*.py) on stage 2's step:
-it starts from the base workdir's EMA weights, captions every concept image with the
-instance prompt ("sks hair"), and trains what `method` names; everything else is frozen
-by the parameter rules (common.params), so it gets no gradient and no optimiser state:
+One `Experiment` (stage 'finetune', latent/configs/finetune_*.py) on stage 2's step: it
+starts from the base's EMA weights (latent.finetune.base), captions every concept image
+with the instance prompt ("sks hair"), and trains what `method` names (`TRAINABLE`, a
+params.trainable rule); everything else is frozen by the parameter rules (common.params),
+so it gets no gradient and no optimiser state. What each method writes is
+latent.finetune.artefacts'.
 
-  method             trains (params.trainable)                 writes to WORKDIR
-  lora               unet/.../lora_A, lora_B (common.lora)      lora.safetensors (PEFT keys)
-  dreambooth         unet/ (+ encoder/ with train_text_encoder) the checkpoint (sample the run)
-  textual_inversion  encoder/added_token_embedding              learned_embeds.safetensors
-  hypernetwork       hypernetwork/ (latent.hypernetwork)        hypernetwork.safetensors
-  controlnet         controlnet/ (latent.controlnet)            controlnet/ (a diffusers
-                                                                ControlNetModel folder)
+A token the base has never seen joins the vocabulary as an added row of the text encoder
+(latent.finetune.embeddings). DreamBooth's prior preservation (latent.finetune.dreambooth)
+generates finetune.num_class_images images of the class prompt with the base model once and
+adds their loss, weighted by finetune.prior_loss_weight, to each step.
 
-A token the base has never seen joins the vocabulary as an added row of the text
-encoder (latent.embeddings); every method then also writes that row as
-learned_embeds.safetensors, so the base sampled with its file reads the token too. DreamBooth's prior preservation generates
-finetune.num_class_images images of the class prompt with the base model once
-(WORKDIR/class_images, resumed if interrupted) and adds their loss, weighted by
-finetune.prior_loss_weight, to each step: every batch is batch_size concept images and
-batch_size class images.
-
-The base may also be a Stable Diffusion pipeline folder (`pipeline`, diffusers' layout,
-latent.pipeline): its U-Net and CLIP text encoder stand behind the same interface
-(`PipelineDenoiser`; the unconditional context is the empty prompt's, as in SD), so every
-method trains it with the same step: the LoRA file loads with diffusers'
-`load_lora_weights`, the textual-inversion token (a new row of CLIP's table) with
-`load_textual_inversion`, and DreamBooth writes the fine-tuned pipeline as a diffusers
-folder, WORKDIR/pipeline.
+The base may also be a Stable Diffusion pipeline folder (`pipeline`, latent.sd): its U-Net
+and CLIP text encoder stand behind the same interface (latent.sd.denoiser; the
+unconditional context is the empty prompt's, as in SD), so every method trains it with the
+same step.
 
 A ControlNet run trains on any image folder: each image's control map (Canny edges or a
 scribble, controlnet.detector) is made once, mirrored with its image, and fed to the
@@ -139,9 +128,8 @@ class Experiment(train.Experiment):
   @functools.cached_property
   def model(self):
     if self.config.pipeline:
-      null_ids = tuple(int(i) for i in self.pipe.tokenizer([''])[0][0])
       encoder = self.pipe.text_encoder.clone(added_tokens=self.conds.added_tokens)
-      model = PipelineDenoiser(self.pipe.unet, encoder, null_ids)
+      model = PipelineDenoiser(self.pipe.unet, encoder, pipeline_lib.null_ids(self.pipe))
     else:
       model = train.build_model(self.config, self.conds, self.stage1)
     if self.config.method == 'controlnet':
@@ -224,7 +212,9 @@ class Experiment(train.Experiment):
   def init_state(self):
     config = self.config
     params = self.base_params
-    rng = jax.random.PRNGKey(config.seed)
+    # Two keys, each used once (fold_in(rng, 1) would be split(rng)[1], a key the adapters'
+    # initialisers split from rng).
+    rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     if config.method == 'controlnet':
       params = {**params, 'controlnet': controlnet_lib.init_params(
           self.model.controlnet, params['unet'], rng, config.conditioning.width)}
@@ -234,7 +224,7 @@ class Experiment(train.Experiment):
     elif config.method == 'hypernetwork':
       params = {**params, hypernetwork.KEY: hypernetwork.init(
           rng, config.conditioning.width, tuple(config.hypernetwork.multipliers))}
-    return train.ddpm_train.new_state(params, self.tx, self.rules, jax.random.fold_in(rng, 1))
+    return train.ddpm_train.new_state(params, self.tx, self.rules, state_rng)
 
   def create_state(self):
     """init_state eagerly, then placed: the base weights are data, not a jitted constant."""

@@ -112,6 +112,21 @@ def read_mask(path: str | Path, image_size: int, latent_size: int) -> np.ndarray
   = repaint), then resized to the latent grid by nearest neighbour (torch's
   `interpolate(mode='nearest')` in `prepare_mask_latents`: the top-left pixel of each patch).
   """
+  repaint = _repaint(path, image_size)
+  index = np.arange(latent_size) * image_size // latent_size  # torch's nearest source rows.
+  repaint = repaint[index][:, index]
+  return (~repaint).astype(np.float32)[None, :, :, None]
+
+
+def read_pixel_mask(path: str | Path, image_size: int) -> np.ndarray:
+  """keep [1, H, W, 1] float32 per pixel (the binarised mask of `read_mask`): what diffusers'
+  inpainting pipelines multiply the picture by before an inpainting U-Net encodes it."""
+  return (~_repaint(path, image_size)).astype(np.float32)[None, :, :, None]
+
+
+def _repaint(path: str | Path, image_size: int) -> np.ndarray:
+  """bool [H, W]: the mask resized to the image (Lanczos), grayscale, >= 0.5 (diffusers'
+  VaeImageProcessor with do_binarize)."""
   path = Path(path)
   if not path.is_file():
     raise errors.MissingFileError(f'sample.mask {path} does not exist.')
@@ -120,10 +135,7 @@ def read_mask(path: str | Path, image_size: int, latent_size: int) -> np.ndarray
       gray = img.resize((image_size, image_size), Image.Resampling.LANCZOS).convert('L')
   except OSError as e:
     raise errors.DataError(f'sample.mask {path} is not a readable image ({e}).') from e
-  repaint = np.asarray(gray, np.float32) / 255.0 >= 0.5
-  index = np.arange(latent_size) * image_size // latent_size  # torch's nearest source rows.
-  repaint = repaint[index][:, index]
-  return (~repaint).astype(np.float32)[None, :, :, None]
+  return np.asarray(gray, np.float32) / 255.0 >= 0.5
 
 
 def read_picture_and_mask(s, n: int, image_size: int, latent_size: int):

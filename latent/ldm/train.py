@@ -121,7 +121,7 @@ def latent_cache(workdir: Path, stage1: Codec, images: np.ndarray, batch_size: i
   path = workdir / filename
   # The data (count, a sample of pixels) and the VAE's weights (step, scale, parameter hash).
   fingerprint = np.array(f'images={len(images)}:{int(images[::max(1, len(images) // 64)].sum())} '
-                         f'vae {stage1.fingerprint()}')
+                         f'vae {stage1.fingerprint}')
   if path.is_file():
     with np.load(path) as f:
       if 'fingerprint' in f and f['fingerprint'].dtype.kind == 'U' and str(

@@ -66,10 +66,10 @@ class LatentDenoiser(nn.Module):
   [context_length, width] sequence, so it needs no special token or caption.
   """
   unet: ConditionalUNet
-  encoder: nn.Module  # latent.text.TextEncoder or ClassEncoder: ids -> (context, mask).
+  encoder: nn.Module  # latent.ldm.text.TextEncoder or ClassEncoder: ids -> (context, mask).
   context_length: int
   width: int
-  controlnet: nn.Module | None = None  # latent.controlnet.ControlNet, steering the U-Net.
+  controlnet: nn.Module | None = None  # latent.controlnet.model.ControlNet, steering the U-Net.
 
   def setup(self):
     self.null_context = self.param('null_context', nn.initializers.normal(0.02),

@@ -3,9 +3,9 @@
 A folder written by diffusers' `StableDiffusionPipeline.save_pretrained` holds
 `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`.
 `load` reads each with safetensors' numpy API (no torch) into the Flax modules
-here: `latent.unet.ConditionalUNet` (SD 1.x and 2.x layouts), `latent.autoencoder`,
-`latent.clip`; the scheduler's betas, prediction type and timestep settings become a
-`ddpm.schedules.Schedule` and sampler options. `make_sample_fn` / `generate` are SD's
+here: `latent.ldm.unet.ConditionalUNet` (SD 1.x and 2.x layouts, `latent.sd.config`),
+`latent.vae.autoencoder`, `latent.sd.clip`; the scheduler's betas, prediction type and
+timestep settings become a `ddpm.schedules.Schedule` and sampler options. `make_sample_fn` / `generate` are SD's
 text-to-image, image-to-image and inpainting with classifier-free guidance (the negative
 prompt as the unconditional context) on any of ddpm.samplers' samplers, as diffusers'
 pipelines run them. `save` writes a (fine-tuned) pipeline back as a diffusers folder.
@@ -173,12 +173,16 @@ def codec(pipe: Pipeline) -> Codec:
   return Codec(pipe.vae, pipe.vae_params, pipe.scaling_factor)
 
 
+def null_ids(pipe: Pipeline) -> tuple[int, ...]:
+  """The empty prompt's token ids: SD's unconditional input (it has no learned null)."""
+  return tuple(int(i) for i in pipe.tokenizer([''])[0][0])
+
+
 def denoiser(pipe: Pipeline, controlnet: tuple | None = None):
   """(PipelineDenoiser, its parameters {'unet', 'encoder'[, 'controlnet']}): the pipeline's
   U-Net and CLIP text encoder (and `controlnet` = (ControlNet, its params)) behind the
   denoiser interface of the one guided sampler (latent.ldm.sampler)."""
-  null_ids = tuple(int(i) for i in pipe.tokenizer([''])[0][0])
-  model = PipelineDenoiser(pipe.unet, pipe.text_encoder, null_ids,
+  model = PipelineDenoiser(pipe.unet, pipe.text_encoder, null_ids(pipe),
                            None if controlnet is None else controlnet[0])
   params = {'unet': pipe.unet_params, 'encoder': pipe.text_params}
   if controlnet is not None:
@@ -191,11 +195,6 @@ def prompt_ids(pipe: Pipeline, prompts: list[str]) -> np.ndarray:
   return np.asarray(pipe.tokenizer(list(prompts))[0], np.int32)
 
 
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> jnp.ndarray:
-  """Prompts -> CLIP hidden states [B, max_length, D] (no attention mask, as SD's pipelines)."""
-  return pipe.text_encoder.apply({'params': pipe.text_params}, jnp.asarray(prompt_ids(pipe, prompts)))
-
-
 def sampler_options(pipe: Pipeline, sampler: str) -> dict:
   """The folder's scheduler settings as `samplers.sample` keywords for `sampler`."""
   options = dict(pipe.sampler_options)
@@ -206,11 +205,13 @@ def sampler_options(pipe: Pipeline, sampler: str) -> dict:
 
 def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
                    karras: bool = False, strength: float = 1.0, inpaint: bool = False,
-                   controlnet: tuple | None = None, guess_mode: bool = False):
+                   controlnet: tuple | None = None, guess_mode: bool = False,
+                   decode: bool = True):
   """(fn, params, vae_params): SD's text-to-image with classifier-free guidance as the one
   guided sampler's jitted fn(params, vae_params, rng, ids, noise, guidance_scale, init_z0,
-  keep, control, control_scale, negative_ids, masked_z0) -> images in [-1, 1], and the
-  pipeline's weights to pass it (arguments, never constants of the program).
+  keep, control, control_scale, negative_ids, masked_z0) -> images in [-1, 1] (the final
+  latents with decode=False), and the pipeline's weights to pass it (arguments, never
+  constants of the program).
 
   As diffusers' pipelines: the negative prompt's ids are guidance's unconditional input;
   `init_z0` (scaled latents of a picture) starts the last int(strength * num_steps) steps
@@ -226,7 +227,7 @@ def make_sample_fn(pipe: Pipeline, sampler: str = 'ddim', num_steps: int = 50, e
   options = dict(sampler_options(pipe, sampler), sampler=sampler, num_steps=num_steps, eta=eta,
                  karras=karras)
   fn = sampler_lib.make_sample_fn(model, pipe.schedule, codec(pipe), options, strength=strength,
-                                  inpaint=inpaint, guess_mode=guess_mode)
+                                  inpaint=inpaint, decode=decode, guess_mode=guess_mode)
   return fn, params, pipe.vae_params
 
 
@@ -234,17 +235,17 @@ def encode_images(pipe: Pipeline, images_uint8: np.ndarray, keep: np.ndarray | N
                   batch_size: int = 8) -> np.ndarray:
   """uint8 [N, H, W, 3] -> scaled latents (the posterior mean; diffusers draws from it).
 
-  With `keep` [N, h, w, 1] on the latent grid, the pixels of every patch where it is 0 are
-  set to 0 in [-1, 1] first: the masked picture an inpainting U-Net is given.
+  With `keep` [N, H, W, 1] (per pixel, or [N, h, w, 1] on the latent grid), the pixels where
+  it is 0 are set to 0 in [-1, 1] first: the masked picture an inpainting U-Net is given.
   """
-  vae = codec(pipe)
+  vae, mesh = codec(pipe), mesh_lib.make_mesh()
   encode = jax.jit(vae.encode)  # The weights are its argument, not constants.
   if keep is None:
-    keep = np.ones((len(images_uint8), images_uint8.shape[1] // vae.factor,
-                    images_uint8.shape[2] // vae.factor, 1), np.float32)
-  return np.concatenate([np.asarray(encode(pipe.vae_params, images_uint8[i:i + batch_size],
-                                           keep[i:i + batch_size]))
-                         for i in range(0, len(images_uint8), batch_size)])
+    keep = np.ones((*images_uint8.shape[:3], 1), np.float32)
+  batches = zip(mesh_lib.padded_batches(images_uint8, batch_size, mesh),
+                mesh_lib.padded_batches(keep, batch_size, mesh))
+  return np.concatenate([mesh_lib.gather(encode(pipe.vae_params, x, k))[:count]
+                         for (_, x, count), (_, k, _) in batches])
 
 
 def generate(pipe: Pipeline, prompts: list[str], negative_prompt: str = '', seed: int = 0,

@@ -39,8 +39,11 @@ def generate(config, workdir: str | Path) -> Path:
   init_z0 = masked_z0 = None
   if pictures is not None:
     init_z0 = pipeline_lib.encode_images(pipe, pictures, batch_size=s.batch_size)
-  if keep is not None and pipe.unet.in_channels > channels:  # An inpainting U-Net sees the
-    masked_z0 = pipeline_lib.encode_images(pipe, pictures, keep, s.batch_size)  # masked picture.
+  if keep is not None and pipe.unet.in_channels > channels:
+    # An inpainting U-Net sees the picture masked per pixel, as diffusers' pipeline makes it.
+    pixel_keep = np.broadcast_to(ldm_sample.read_pixel_mask(s.mask, image_size),
+                                 (n, image_size, image_size, 1))
+    masked_z0 = pipeline_lib.encode_images(pipe, pictures, pixel_keep, s.batch_size)
   maps, cn = ldm_sample.read_control(config, n, image_size), None
   if maps is not None:
     cn = controlnet_lib.load(config.controlnet.folder, pipe.unet, pipe.unet_params,

@@ -66,7 +66,7 @@ def _conv3(features: int, name: str, dtype: Dtype) -> nn.Conv:
 
 
 def conv_out_layer(features: int, dtype: Dtype = jnp.float32) -> nn.Conv:
-  """The decoder's last 3x3 conv. vae_loss applies it alone to get last-layer gradients."""
+  """The decoder's last 3x3 conv. latent.vae.loss applies it alone to get last-layer gradients."""
   return _conv3(features, 'conv_out', dtype)
 
 

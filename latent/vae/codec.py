@@ -1,8 +1,8 @@
 """A trained stage 1 as stage 2 uses it: images <-> scaled latents, and `load_vae`.
 
 Everything here is jittable maths or batched calls of it, plus reading a finished
-stage-1 workdir read-only; none of stage 1's losses, LPIPS or training code is
-imported, so a stage-2 run reads the VAE without them.
+stage-1 workdir read-only: its state's layout (latent.vae.state, the discriminator's module
+included) but not LPIPS or the training step.
 """
 
 from __future__ import annotations
@@ -104,19 +104,19 @@ class Codec:
   latents -> images. Stage 2's and fine-tuning's `stage1`; a pipeline folder's VAE too."""
 
   def __init__(self, model: autoencoder.AutoencoderKL, params, scale_factor: float,
-               workdir: str | Path | None = None, config=None, step: int | None = None):
+               step: int | None = None):
     self.model, self.params, self.scale_factor = model, params, scale_factor
-    self.workdir = None if workdir is None else Path(workdir)
-    self.config, self.step = config, step
+    self.step = step  # The stage-1 checkpoint's (None: a pipeline folder's VAE).
     self.factor = model.downsampling_factor
     self.latent_channels = model.latent_channels
 
   @classmethod
   def from_workdir(cls, workdir: str | Path) -> 'Codec':
     """The VAE of a finished stage-1 run (`load_vae`)."""
-    model, params, scale_factor, config, step = restore_vae(workdir)
-    return cls(model, params, scale_factor, workdir, config, step)
+    model, params, scale_factor, _, step = restore_vae(workdir)
+    return cls(model, params, scale_factor, step)
 
+  @functools.cached_property
   def fingerprint(self) -> str:
     """What identifies these weights: the checkpoint step, the scale factor and a hash of
     every parameter's bytes (a stage 1 retrained in the same workdir has another)."""
@@ -133,12 +133,12 @@ class Codec:
     return mean, jnp.exp(0.5 * logvar)
 
   def encode(self, params, images_uint8, keep=None):
-    """uint8 images -> scaled posterior means; with `keep` [B, h, w, 1] on the latent grid,
-    the pixels of every patch where it is 0 are set to 0 in [-1, 1] first (the masked
-    picture an inpainting U-Net is given)."""
+    """uint8 images -> scaled posterior means; with `keep` [B, H, W, 1] (per pixel, or
+    [B, h, w, 1] on the latent grid: each patch's pixels), the pixels where it is 0 are set
+    to 0 in [-1, 1] first (the masked picture an inpainting U-Net is given)."""
     x = imageio.to_unit(images_uint8)
     if keep is not None:
-      f = self.factor
+      f = x.shape[1] // keep.shape[1]
       x = x * jnp.repeat(jnp.repeat(keep, f, axis=1), f, axis=2).astype(x.dtype)
     mean, _ = self.model.apply({'params': params}, x, method=self.model.encode)
     return self.scale_factor * mean

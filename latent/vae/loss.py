@@ -8,7 +8,7 @@ dims) and averaged over the batch, so kl_weight=1e-6 means what it means in
 LDM's configs. `lambda` is LDM's adaptive weight: the ratio of the gradient
 norms of the reconstruction and GAN losses with respect to the decoder's last
 layer, so the GAN term neither swamps nor vanishes next to the reconstruction.
-The GAN terms are switched on after `disc_start` steps (in vae_train).
+The GAN terms are switched on after `disc_start` steps (in latent.vae.train).
 With lpips_weight > 0 the reconstruction term also has LDM's LPIPS-VGG
 perceptual distance (latent/vae/lpips.py; user-converted weights, see check_lpips).
 
