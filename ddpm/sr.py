@@ -208,7 +208,7 @@ class SRExperiment(train.Experiment):
                                   method=sr.downsample, noise_schedule=self.noise_schedule,
                                   max_noise_level=sr.max_noise_level)
     return train.make_train_step(self.config, self.model, self.schedule, self.tx, self.mesh,
-                                 shardings, condition)
+                                 shardings, condition, self.rules)
 
   def hooks(self, writer):
     config = self.config

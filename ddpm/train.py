@@ -139,9 +139,10 @@ def apply_gradients(state: TrainState, grads, tx, t: ml_collections.ConfigDict,
                        opt_state=opt_state)
 
 
-def make_train_step(config, model, schedule, tx, mesh, shardings=None, condition=None):
+def make_train_step(config, model, schedule, tx, mesh, shardings=None, condition=None,
+                    rules: params_lib.Rules | None = None):
   """The jitted step, the state laid out as `create_train_state` lays it out."""
-  rules = rules_of(config)
+  rules = rules or rules_of(config)
   if shardings is None:
     shardings = state_shardings(config, functools.partial(init_state, config, model, tx), mesh)
   step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx,
@@ -203,7 +204,8 @@ class Experiment(experiment.Experiment):
     return init_state(self.config, self.model, self.tx, self.rules)
 
   def make_step(self, shardings):
-    return make_train_step(self.config, self.model, self.schedule, self.tx, self.mesh, shardings)
+    return make_train_step(self.config, self.model, self.schedule, self.tx, self.mesh, shardings,
+                           rules=self.rules)
 
   def batches(self, start):
     return data.BatchIterator(self.images, self.config.train.batch_size, seed=self.config.seed,
