@@ -304,10 +304,10 @@ def test_latent_cache_is_rebuilt_for_other_vae_weights(ldm_run, tmp_path, caplog
   np.testing.assert_allclose(rebuilt['mean'][:, 0], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('dropout', [0.0, 0.3])
-def test_gradient_accumulation_gives_the_big_batch_update_with_dropout(dropout):
+def test_gradient_accumulation_gives_the_big_batch_update_with_dropout(dropout=0.3):
   """Stage 2's step, its U-Net with dropout: 4 micro-batches of 4 make the update of one
-  batch of 16 (each example draws its own dropout masks, the same in either split)."""
+  batch of 16 (each example draws its own dropout masks, the same in either split; without
+  dropout, tests/_layouts.py's LDM case and test_seam's ddpm case cover it)."""
   from ddpm import train as ddpm_train  # pylint: disable=g-import-not-at-top
   from latent.configs import ldm_base  # pylint: disable=g-import-not-at-top
 
