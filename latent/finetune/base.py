@@ -131,7 +131,7 @@ def impose(config: ml_collections.ConfigDict, key: str, value, source: str) -> N
   *parents, leaf = key.split('.')
   block, default = config, finetune_base.get_config()
   for name in parents:
-    block, default = block[name], default.get(name)
+    block, default = block[name], None if default is None else default.get(name)
   if block[leaf] != value and default is not None and block[leaf] != default[leaf]:
     logging.warning('%s=%r is replaced by %r, what %s prescribes.', key, block[leaf], value,
                     source)

@@ -204,7 +204,7 @@ class Experiment(train.Experiment):
     images, ids = train.build_dataset(self.conds, images, captions)
     with logs.Timed(f'making {n.detector} control maps of {len(images)} images'):
       maps = maps_lib.control_maps(images, n.detector, n.low_threshold, n.high_threshold,
-                                         n.thickness)
+                                   n.thickness)
     logging.info('ControlNet data: %d images, %.1f%% edge pixels in their maps.', len(images),
                  100 * float((maps[..., 0] > 0).mean()))
     return images, ids, maps

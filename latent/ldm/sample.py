@@ -176,6 +176,26 @@ def write_control_grid(maps: np.ndarray | None, images: np.ndarray, out: Path) -
   logging.info('Wrote the control maps beside their images to %s.', grid)
 
 
+def sample_batches(sample_fn, params, vae_params, ids, latent_shape, seed: int, batch_size: int,
+                   guidance_scale, init_z0=None, keep=None, maps=None, control_scale=1.0,
+                   negative_ids=None, masked_z0=None) -> np.ndarray:
+  """uint8 images of the one guided sampler's `sample_fn` for every row of `ids`, in batches
+  of batch_size, each with its own noise and sampler key split from `seed`; the other
+  per-row inputs (None: unused) are sliced with them. The LDM, fine-tuned runs and SD
+  pipelines sample through it."""
+  rng, images, n = jax.random.PRNGKey(seed), [], len(ids)
+  for i in range(0, n, batch_size):
+    rng, noise_rng, step_rng = jax.random.split(rng, 3)
+    b = min(batch_size, n - i)
+    noise = jax.random.normal(noise_rng, (b, *latent_shape))
+    part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
+    control = None if maps is None else controlnet_lib.as_input(maps[i:i + b])
+    x = sample_fn(params, vae_params, step_rng, part(ids), noise, guidance_scale, part(init_z0),
+                  part(keep), control, control_scale, part(negative_ids), part(masked_z0))
+    images.append(imageio.to_uint8(mesh_lib.gather(x)))
+  return np.concatenate(images)
+
+
 def generate(config, workdir: str | Path) -> Path:
   if config.stage == 'ldm':
     ldm_base.validate(config)
@@ -203,21 +223,11 @@ def generate(config, workdir: str | Path) -> Path:
                                  strength=strength, inpaint=keep is not None,
                                  guess_mode=bool(s.get('guess_mode')))
 
-  rng = jax.random.PRNGKey(s.seed)
-  images = []
   with logs.Timed(f'sampling {n} images for {len(prompts)} prompt(s) with {s.sampler} '
                   '(the first batch compiles the sampler)'):
-    for i in range(0, n, s.batch_size):
-      rng, noise_rng, step_rng = jax.random.split(rng, 3)
-      b = min(s.batch_size, n - i)
-      noise = jax.random.normal(noise_rng, (b, u.sample_size, u.sample_size, u.in_channels))
-      part = lambda a: None if a is None else jnp.asarray(a[i:i + b])
-      control = None if maps is None else controlnet_lib.as_input(maps[i:i + b])
-      x = sample_fn(params, stage1.params, step_rng, jnp.asarray(ids[i:i + b]), noise,
-                    s.guidance_scale, part(init_z0), part(keep), control,
-                    s.get('control_scale', 1.0))
-      images.append(imageio.to_uint8(mesh_lib.gather(x)))
-  images = np.concatenate(images)
+    images = sample_batches(sample_fn, params, stage1.params, ids,
+                            (u.sample_size, u.sample_size, u.in_channels), s.seed, s.batch_size,
+                            s.guidance_scale, init_z0, keep, maps, s.get('control_scale', 1.0))
   write_captioned(images, prompts, s.num_per_prompt, out, conds.caption_for, s.guidance_scale)
   write_control_grid(maps, images, out)
   logging.info('Wrote %d images for %d prompts to %s.', n, len(prompts), out)

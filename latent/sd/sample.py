@@ -8,11 +8,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import imageio, logs, lora, mesh as mesh_lib
+from common import logs, lora
 from latent.configs import sd_pipeline
 from latent.controlnet import model as controlnet_lib
 from latent.ldm import sample as ldm_sample
@@ -53,21 +52,13 @@ def generate(config, workdir: str | Path) -> Path:
       pipe, s.sampler, s.num_steps, s.eta, s.karras_sigmas,
       strength=s.strength if s.init_image else 1.0, inpaint=keep is not None, controlnet=cn,
       guess_mode=s.guess_mode)
-  negative = pipeline_lib.prompt_ids(pipe, [s.negative_prompt])
-  rng, images = jax.random.PRNGKey(s.seed), []
+  negative = pipeline_lib.prompt_ids(pipe, [s.negative_prompt] * n)
   with logs.Timed(f'sampling {n} images with {s.sampler} x{s.num_steps} '
                   '(the first batch compiles the sampler)'):
-    for i in range(0, n, s.batch_size):
-      rng, noise_rng, step_rng = jax.random.split(rng, 3)
-      batch = all_prompts[i:i + s.batch_size]
-      noise = jax.random.normal(noise_rng, (len(batch), size, size, channels))
-      part = lambda a: None if a is None else jnp.asarray(a[i:i + len(batch)])
-      control = None if maps is None else controlnet_lib.as_input(maps[i:i + len(batch)])
-      x = sample_fn(params, vae_params, step_rng, pipeline_lib.prompt_ids(pipe, batch), noise,
-                    jnp.float32(s.guidance_scale), part(init_z0), part(keep), control,
-                    s.control_scale, np.repeat(negative, len(batch), axis=0), part(masked_z0))
-      images.append(imageio.to_uint8(mesh_lib.gather(x)))
-  images = np.concatenate(images)
+    images = ldm_sample.sample_batches(
+        sample_fn, params, vae_params, pipeline_lib.prompt_ids(pipe, all_prompts),
+        (size, size, channels), s.seed, s.batch_size, jnp.float32(s.guidance_scale), init_z0,
+        keep, maps, s.control_scale, negative, masked_z0)
   ldm_sample.write_captioned(images, prompts, s.num_per_prompt, out, lambda p: p,
                              s.guidance_scale)
   ldm_sample.write_control_grid(maps, images, out)
